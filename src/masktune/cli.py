@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     biased.add_argument("--square-size", type=int, default=defaults.data.square_size)
     biased.add_argument("--colour", type=_colour, default=defaults.data.colour, help="R,G,B of the spurious feature")
     biased.add_argument("--n-squares", type=int, default=defaults.data.n_squares, choices=[1, 2])
+    biased.add_argument("--val-size", type=int, default=defaults.data.val_size, help="training images held out")
+    biased.add_argument("--selection", default=defaults.data.selection, choices=["authors", "random"],
+                        help="which images carry the feature: the authors' digit order, or at random")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -55,7 +58,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` that the parsed arguments describe."""
     base = RunConfig()
     data = replace(base.data, conflicting_ratio=args.conflicting_ratio, bias_type=args.bias_type,
-                   square_size=args.square_size, colour=args.colour, n_squares=args.n_squares, seed=args.seed)
+                   square_size=args.square_size, colour=args.colour, n_squares=args.n_squares, seed=args.seed,
+                   val_size=args.val_size, selection=args.selection)
     return replace(
         base, experiment=args.experiment, epochs=args.epochs, seed=args.seed,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out, device=args.device,

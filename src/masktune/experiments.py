@@ -17,7 +17,7 @@ from .data import BiasedMNISTConfig, load_mnist, make_biased_mnist
 from .errors import MaskTuneError
 from .evaluation import evaluate, mask_diagnostics
 from .masking import MaskedDataset, compute_masks, random_square_masks
-from .models import SmallCNN
+from .models import SmallCNN, resolve_cam_layer
 from .training import finetune, train_erm
 
 METHODS = ("erm", "randmask", "masktune")
@@ -111,6 +111,7 @@ def run_biased_mnist(config: RunConfig, *, progress: bool = True) -> dict:
                       seed=config.seed, device=config.device, num_workers=config.num_workers, progress=progress)
 
     model = SmallCNN(num_classes=2)
+    resolve_cam_layer(model, config.cam_layer, train[0][0].unsqueeze(0))  # fail before training, not after
     with timer("erm"):
         erm = train_erm(model, train, val, epochs=config.epochs, lr=config.lr,
                         checkpoint_dir=out / "checkpoints", **train_args)

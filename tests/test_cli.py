@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+from masktune.cli import main
+
+FAST = ["--epochs", "1", "--val-size", "100", "--quiet", "--batch-size", "64"]
+
+
+def run(mnist_dir, out, *extra):
+    return main(["run", "biased-mnist", "--data-dir", str(mnist_dir.parent.parent), "--out", str(out), *FAST, *extra])
+
+
+def test_end_to_end_run_writes_results_and_checkpoints(mnist_dir, tmp_path, capsys):
+    assert run(mnist_dir, tmp_path / "a", "--limit", "300") == 0
+    printed = capsys.readouterr().out
+    assert "masktune" in printed and "results:" in printed
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["sizes"] == {"train": 300, "val": 100, "original": 200, "biased": 200}
+    assert set(results["accuracy"]) == {"erm", "randmask", "masktune"}
+    for method in results["accuracy"].values():
+        for test_set in ("original", "biased"):
+            metrics = method[test_set]
+            assert 0 <= metrics["accuracy"] <= 100
+            assert sum(g["count"] for g in metrics["groups"].values()) == 200
+            weighted = sum(g["accuracy"] * g["count"] for g in metrics["groups"].values()) / 200
+            assert weighted == pytest.approx(metrics["accuracy"], abs=1e-3)
+    assert set(results["masking"]) == {"masktune", "randmask"}
+    assert 0 < results["masking"]["masktune"]["masked_percent"] < 100
+    assert {"data", "erm", "masking", "finetune_masktune", "finetune_randmask", "evaluation", "total"} <= set(
+        results["timings_s"])
+    assert results["config"]["finetune_lr"] == results["config"]["lr"] == 0.01
+    for name in ("erm_best", "erm_last", "masktune", "randmask"):
+        assert (tmp_path / "a" / "checkpoints" / f"{name}.pt").is_file()
+
+
+def test_same_seed_gives_identical_results(mnist_dir, tmp_path):
+    for out in ("a", "b"):
+        assert run(mnist_dir, tmp_path / out, "--limit", "200", "--methods", "masktune") == 0
+    a, b = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("a", "b"))
+    assert a["accuracy"] == b["accuracy"] and a["masking"] == b["masking"] and a["history"] == b["history"]
+    sa = torch.load(tmp_path / "a" / "checkpoints" / "masktune.pt")
+    sb = torch.load(tmp_path / "b" / "checkpoints" / "masktune.pt")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_run_without_experiment_name_runs_biased_mnist(mnist_dir, tmp_path):
+    out = tmp_path / "c"
+    code = main(["run", "--data-dir", str(mnist_dir), "--out", str(out), "--limit", "100", "--methods", "erm", *FAST])
+    assert code == 0
+    assert json.loads((out / "results.json").read_text())["config"]["experiment"] == "biased-mnist"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--methods", "erm,jtt"], "unknown method"),
+    (["--epochs", "0"], "at least 1"),
+    (["--device", "cuda:7"], "not available"),
+    (["--cam-layer", "block9"], "no layer named 'block9'"),
+])
+def test_user_errors_exit_2_with_a_message(mnist_dir, tmp_path, capsys, args, words):
+    if "cuda" in args[-1] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert run(mnist_dir, tmp_path / "d", "--limit", "100", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("masktune: error:") and words in err
+    assert not (tmp_path / "d" / "results.json").exists()
+
+
+def test_missing_data_dir_is_explained(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MASKTUNE_HOME", str(tmp_path / "home"))
+    assert main(["run", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e"), *FAST]) == 2
+    assert "train-images-idx3-ubyte" in capsys.readouterr().err

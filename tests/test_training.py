@@ -1,0 +1,82 @@
+import pytest
+import torch
+from torch import nn
+
+from masktune import finetune, predict, train_erm
+from masktune.training import TrainingError
+
+
+class Bright(torch.utils.data.Dataset):
+    """Label 1 when the left half is brighter than the right half: learnable in a few steps."""
+
+    def __init__(self, n: int, seed: int = 0, nan: bool = False):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.images = torch.rand(n, 1, 6, 6, generator=g)
+        self.images[self.labels == 1, :, :, :3] += 1
+        self.images[self.labels == 0, :, :, 3:] += 1
+        if nan:
+            self.images[0, 0, 0, 0] = float("nan")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+
+
+def test_erm_learns_keeps_best_and_last_and_is_deterministic(tmp_path):
+    train, val = Bright(256), Bright(128, seed=1)
+    runs = []
+    for _ in range(2):
+        model = tiny_model()
+        result = train_erm(model, train, val, epochs=4, lr=0.05, batch_size=32, progress=False,
+                           checkpoint_dir=tmp_path)
+        runs.append(result)
+    a, b = runs
+    assert [h["val_accuracy"] for h in a.history] == [h["val_accuracy"] for h in b.history]
+    assert all(torch.equal(a.last.model[k], b.last.model[k]) for k in a.last.model)
+    assert a.history[-1]["val_accuracy"] > 80
+    best = max(a.history, key=lambda h: h["val_accuracy"])
+    assert a.best.val_accuracy == best["val_accuracy"] and a.best.epoch == a.history.index(best) + 1
+    assert a.last.epoch == 4
+    saved = torch.load(tmp_path / "erm_last.pt")
+    assert saved["epoch"] == 4 and all(torch.equal(saved["model"][k], a.last.model[k]) for k in a.last.model)
+    assert torch.load(tmp_path / "erm_best.pt")["epoch"] == a.best.epoch
+
+
+def test_finetune_continues_the_optimizer_with_the_given_lr():
+    train = Bright(128)
+    model = tiny_model()
+    erm = train_erm(model, train, epochs=1, lr=0.05, batch_size=32, progress=False)
+    frozen = tiny_model()
+    frozen.load_state_dict(erm.last.model)
+    finetune(frozen, train, optimizer_state=erm.last.optimizer, lr=0.0, progress=False)
+    # lr 0 (weight decay and momentum scale with lr too): nothing moves
+    assert all(torch.equal(frozen.state_dict()[k], erm.last.model[k]) for k in erm.last.model if "weight" in k)
+    with_state, fresh = tiny_model(), tiny_model()
+    for model, state in ((with_state, erm.last.optimizer), (fresh, None)):
+        model.load_state_dict(erm.last.model)
+        finetune(model, train, optimizer_state=state, lr=0.05, batch_size=32, progress=False)
+    # the momentum buffers of the ERM optimizer change the first steps
+    assert not torch.equal(with_state[0].weight, fresh[0].weight)
+
+
+def test_non_finite_loss_stops_training():
+    with pytest.raises(TrainingError, match="lower the learning rate"):
+        train_erm(tiny_model(), Bright(64, nan=True), epochs=1, batch_size=16, progress=False)
+
+
+def test_predict_returns_logits_in_dataset_order_and_restores_mode():
+    model = tiny_model()
+    model.train()
+    data = Bright(50)
+    logits = predict(model, data, batch_size=7)
+    assert model.training
+    model.eval()
+    assert torch.allclose(logits, model(data.images), atol=1e-6)
