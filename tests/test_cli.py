@@ -71,3 +71,35 @@ def test_missing_data_dir_is_explained(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MASKTUNE_HOME", str(tmp_path / "home"))
     assert main(["run", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e"), *FAST]) == 2
     assert "train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_config_overrides_are_typed_and_unknown_keys_refused():
+    from masktune.experiments import ConfigError, make_config
+
+    config = make_config("biased-mnist", {"lr": "0.05", "methods": "erm,masktune", "data.colour": "0,255,0",
+                                          "data.conflicting_ratio": "0.1", "limit": "50"})
+    assert config.lr == 0.05 and config.methods == ("erm", "masktune") and config.limit == 50
+    assert config.data["colour"] == (0, 255, 0) and config.data["conflicting_ratio"] == 0.1
+    assert config.epochs == 3 and config.data["square_size"] == 4  # experiment defaults kept
+    with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
+        make_config("biased-mnist", {"learning_rate": "0.1"})
+    with pytest.raises(ConfigError, match="unknown option 'data.size'.*data.square_size"):
+        make_config("biased-mnist", {"data.size": "3"})
+    with pytest.raises(ConfigError, match="must be a number"):
+        make_config("biased-mnist", {"lr": "fast"})
+
+
+def test_set_flag_and_data_flags_reach_the_run(mnist_dir, tmp_path):
+    out = tmp_path / "f"
+    code = run(mnist_dir, out, "--limit", "100", "--methods", "erm", "--square-size", "6",
+               "--set", "weight_decay=0.0", "--set", "data.colour=0,0,255")
+    assert code == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["weight_decay"] == 0.0
+    assert config["data"]["square_size"] == 6 and config["data"]["colour"] == [0, 0, 255]
+    assert json.loads((out / "config.json").read_text())["version"] == 1
+
+
+def test_unknown_set_key_exits_2(mnist_dir, tmp_path, capsys):
+    assert run(mnist_dir, tmp_path / "g", "--set", "bogus=1") == 2
+    assert "unknown setting 'bogus'" in capsys.readouterr().err

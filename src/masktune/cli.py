@@ -4,76 +4,64 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from .errors import MaskTuneError
-from .experiments import METHODS, RunConfig, run_biased_mnist
+from .experiments import EXPERIMENTS, make_config, parse_overrides, run_experiment
 from .reporting import results_table
 
-EXPERIMENTS = {"biased-mnist": run_biased_mnist}
-
-
-def _colour(text: str) -> tuple[int, int, int]:
-    parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
-        raise argparse.ArgumentTypeError(f"colour must be R,G,B with values 0-255, e.g. 255,0,0; got {text!r}")
-    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+# command-line flag -> configuration key; flags left out keep the experiment's default
+RUN_FLAGS = {
+    "epochs": ("epochs", int, "ERM epochs"),
+    "seed": ("seed", int, "random seed (data split, initialisation, shuffling)"),
+    "methods": ("methods", str, "comma-separated, from erm,randmask,masktune"),
+    "out": ("out", str, "run directory (default: runs/<experiment>-seed<seed>)"),
+    "device": ("device", str, "cpu, cuda or cuda:N"),
+    "data_dir": ("data_dir", str, "folder with the dataset (else the cache, then a download where possible)"),
+    "cam_layer": ("cam_layer", str, "dotted module name of the CAM layer (default: the model's own)"),
+    "limit": ("limit", int, "keep the first N images of each split, for quick runs"),
+    "batch_size": ("batch_size", int, "training batch size"),
+    "lr": ("lr", float, "ERM learning rate"),
+    "finetune_lr": ("finetune_lr", float, "finetune learning rate (default: the ERM one, as the authors)"),
+    "mask_k": ("mask_k", float, "mask heat above mean + k*std of the positive heat (default 2)"),
+    "num_workers": ("num_workers", int, "data-loader worker processes"),
+}
+DATA_FLAGS = {
+    "conflicting_ratio": (float, "share of class-1 images with the feature (and of class-0 images without)"),
+    "bias_type": (str, "square, background or foreground"),
+    "square_size": (int, "side of the square in pixels"),
+    "colour": (str, "R,G,B of the spurious feature, e.g. 255,0,0"),
+    "n_squares": (int, "1, or 2 for a second square in the top-right corner"),
+    "val_size": (int, "training images held out for validation"),
+    "selection": (str, "which images carry the feature: authors (digit order) or random"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``masktune`` command."""
     parser = argparse.ArgumentParser(prog="masktune", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run an experiment (default: biased-mnist)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = RunConfig()
+    run = commands.add_parser("run", help="run an experiment (default: biased-mnist)")
     run.add_argument("experiment", nargs="?", default="biased-mnist", choices=sorted(EXPERIMENTS))
-    run.add_argument("--epochs", type=int, default=defaults.epochs, help="ERM epochs")
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--methods", default=",".join(defaults.methods), help=f"comma-separated, from {METHODS}")
-    run.add_argument("--out", help="run directory (default: runs/<experiment>-seed<seed>)")
-    run.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
-    run.add_argument("--data-dir", help="folder with torchvision's raw MNIST files (else cache, then download)")
-    run.add_argument("--cam-layer", help="dotted module name of the CAM layer (default: the model's own)")
-    run.add_argument("--limit", type=int, help="keep the first N images of each split, for quick runs")
-    run.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    run.add_argument("--lr", type=float, default=defaults.lr, help="ERM learning rate")
-    run.add_argument("--finetune-lr", type=float, help="finetune learning rate (default: the ERM one, as the authors)")
-    run.add_argument("--mask-k", type=float, default=defaults.mask_k, help="mask heat above mean + k*std")
-    run.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data-loader workers")
-    biased = run.add_argument_group("biased MNIST")
-    biased.add_argument("--conflicting-ratio", type=float, default=defaults.data.conflicting_ratio)
-    biased.add_argument("--bias-type", default=defaults.data.bias_type, choices=["square", "background", "foreground"])
-    biased.add_argument("--square-size", type=int, default=defaults.data.square_size)
-    biased.add_argument("--colour", type=_colour, default=defaults.data.colour, help="R,G,B of the spurious feature")
-    biased.add_argument("--n-squares", type=int, default=defaults.data.n_squares, choices=[1, 2])
-    biased.add_argument("--val-size", type=int, default=defaults.data.val_size, help="training images held out")
-    biased.add_argument("--selection", default=defaults.data.selection, choices=["authors", "random"],
-                        help="which images carry the feature: the authors' digit order, or at random")
+    for flag, (_, kind, text) in RUN_FLAGS.items():
+        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=text)
+    data = run.add_argument_group("biased MNIST data options (also settable as --set data.<option>=...)")
+    for flag, (kind, text) in DATA_FLAGS.items():
+        data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any setting, e.g. --set weight_decay=5e-4 --set data.square_size=6")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The :class:`RunConfig` that the parsed arguments describe."""
-    base = RunConfig()
-    data = replace(base.data, conflicting_ratio=args.conflicting_ratio, bias_type=args.bias_type,
-                   square_size=args.square_size, colour=args.colour, n_squares=args.n_squares, seed=args.seed,
-                   val_size=args.val_size, selection=args.selection)
-    return replace(
-        base, experiment=args.experiment, epochs=args.epochs, seed=args.seed,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out, device=args.device,
-        data_dir=args.data_dir, cam_layer=args.cam_layer, limit=args.limit, batch_size=args.batch_size, lr=args.lr,
-        finetune_lr=args.finetune_lr, mask_k=args.mask_k, num_workers=args.num_workers, data=data,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``masktune`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        config = config_from_args(args)
-        results = EXPERIMENTS[config.experiment](config, progress=not args.quiet)
+        given = {key: value for key, value in vars(args).items()
+                 if value is not None and (key in RUN_FLAGS or key.startswith("data."))}
+        overrides = {RUN_FLAGS[k][0] if k in RUN_FLAGS else k: str(v) for k, v in given.items()}
+        config = make_config(args.experiment, overrides | parse_overrides(args.set))
+        results = run_experiment(config, progress=not args.quiet)
     except MaskTuneError as error:
         print(f"masktune: error: {error}", file=sys.stderr)
         return 2

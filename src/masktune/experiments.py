@@ -1,15 +1,24 @@
-"""The biased-MNIST experiment, end to end: data, ERM, masks, finetunes, evaluation, results file."""
+"""Experiments: named, versioned configurations and the pipeline that runs any of them.
+
+An :class:`Experiment` says how to build the data and the model and which hyperparameters the
+authors used; :func:`run_experiment` runs ERM, the chosen finetunes and the evaluation for it and
+writes ``results.json`` and the checkpoints into the run directory.
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import platform
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from . import __version__
 from ._io import save_torch, write_json
@@ -23,13 +32,18 @@ from .training import finetune, train_erm
 METHODS = ("erm", "randmask", "masktune")
 
 
+class ConfigError(MaskTuneError, ValueError):
+    """A setting is unknown or has a value that cannot work."""
+
+
 @dataclass
 class RunConfig:
-    """Every setting of a biased-MNIST run; the defaults are the authors' except ``epochs``."""
+    """Every setting of a run. An experiment's ``defaults`` replace these defaults; ``data`` holds
+    the options of the experiment's data builder."""
 
     experiment: str = "biased-mnist"
-    epochs: int = 3
     seed: int = 0
+    epochs: int = 3
     methods: tuple[str, ...] = METHODS
     out: str | None = None
     device: str = "cpu"
@@ -44,7 +58,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     num_workers: int = 0
-    data: BiasedMNISTConfig = field(default_factory=BiasedMNISTConfig)
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def out_dir(self) -> Path:
@@ -55,13 +69,113 @@ class RunConfig:
         """Refuse settings that cannot work, saying which and why."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise MaskTuneError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")
         if self.epochs < 1:
-            raise MaskTuneError(f"--epochs must be at least 1, got {self.epochs}")
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.limit is not None and self.limit < 1:
-            raise MaskTuneError(f"--limit must be a positive number of images, got {self.limit}")
+            raise ConfigError(f"limit must be a positive number of images, got {self.limit}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise MaskTuneError(f"device {self.device!r} is not available (no CUDA GPU visible); use --device cpu")
+            raise ConfigError(f"device {self.device!r} is not available (no CUDA GPU visible); use --device cpu")
+
+
+@dataclass
+class ExperimentData:
+    """What an experiment trains and tests on. Datasets yield ``(raw image [C, H, W], label)``; a
+    ``metadata["spurious"]`` flag per sample, where present, defines the groups."""
+
+    train: Dataset
+    val: Dataset | None
+    tests: dict[str, Dataset]
+    num_classes: int
+    feature_region: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named, versioned experiment: data, model and the authors' hyperparameters."""
+
+    name: str
+    version: int
+    description: str
+    build_data: Callable[[RunConfig], ExperimentData]
+    build_model: Callable[[RunConfig, int], nn.Module]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    data_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register(experiment: Experiment) -> Experiment:
+    """Add ``experiment`` to :data:`EXPERIMENTS` (``masktune run <name>``)."""
+    EXPERIMENTS[experiment.name] = experiment
+    return experiment
+
+
+def get_experiment(name: str) -> Experiment:
+    """The registered experiment called ``name``."""
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
+    return EXPERIMENTS[name]
+
+
+def _coerce(key: str, value: Any, like: Any) -> Any:
+    """``value`` (often a command-line string) converted to the type of the default ``like``."""
+    if not isinstance(value, str) or isinstance(like, str):
+        return value
+    if value.lower() in ("none", "null"):
+        return None
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    if isinstance(like, bool):
+        if value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if isinstance(like, tuple):
+        items = parsed if isinstance(parsed, tuple) else tuple(v.strip() for v in value.split(",") if v.strip())
+        return tuple(_coerce(key, str(v), like[0]) if like else v for v in items)
+    if isinstance(like, (int, float)) and not isinstance(parsed, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(parsed) if isinstance(like, float) else parsed
+
+
+def make_config(experiment: str, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The configuration of ``experiment``: its defaults, then ``overrides``.
+
+    Keys are :class:`RunConfig` field names, or ``data.<option>`` for the experiment's data
+    options; string values are converted to the type of the default. Unknown keys are refused.
+    """
+    spec = get_experiment(experiment)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig) if f.name not in ("experiment", "data")}
+    base = RunConfig()
+    values = {name: getattr(base, name) for name in fields} | dict(spec.defaults)
+    data = dict(spec.data_options)
+    for key, value in (overrides or {}).items():
+        if key.startswith("data."):
+            option = key[len("data."):]
+            if option not in data:
+                raise ConfigError(f"unknown option {key!r} for {experiment}; options: "
+                                  + ", ".join(f"data.{k}" for k in sorted(data)))
+            data[option] = _coerce(key, value, data[option])
+        elif key in fields:
+            like = values[key] if values[key] is not None else {"limit": 0, "finetune_lr": 0.0}.get(key, "")
+            values[key] = _coerce(key, value, like)
+        else:
+            raise ConfigError(f"unknown setting {key!r}; settings: {', '.join(sorted(fields))}, data.<option>")
+    return RunConfig(experiment=experiment, data=data, **values)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["key=value", ...]`` (the ``--set`` option) as a dict."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes key=value, got {pair!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
 
 
 class StageTimer:
@@ -91,26 +205,37 @@ def environment(device: str) -> dict[str, str]:
     }
 
 
-def run_biased_mnist(config: RunConfig, *, progress: bool = True) -> dict:
-    """Run ERM and the chosen finetunes on biased MNIST; write checkpoints and ``results.json``.
+def _limited(dataset: Dataset, limit: int | None) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    subset = getattr(dataset, "subset", None)
+    return subset(limit) if subset is not None else torch.utils.data.Subset(dataset, range(limit))
+
+
+def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
+    """Run ERM and the chosen finetunes of ``config``'s experiment; write checkpoints and results.
 
     Returns the results dictionary that is also written to ``config.out_dir / "results.json"``.
     """
+    spec = get_experiment(config.experiment)
     config.validate()
     out = config.out_dir
+    write_json({"experiment": spec.name, "version": spec.version, **asdict(config)}, out / "config.json")
     timer = StageTimer()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     with timer("data"):
-        data = make_biased_mnist(load_mnist(config.data_dir), config.data)
-        train = data.train.subset(config.limit) if config.limit else data.train
-        val = data.val.subset(config.limit) if config.limit else data.val
-        tests = {name: data_set.subset(config.limit) if config.limit else data_set
-                 for name, data_set in (("original", data.test_original), ("biased", data.test_biased))}
+        data = spec.build_data(config)
+        train = _limited(data.train, config.limit)
+        val = _limited(data.val, config.limit) if data.val is not None else None
+        tests = {name: _limited(dataset, config.limit) for name, dataset in data.tests.items()}
     train_args = dict(momentum=config.momentum, weight_decay=config.weight_decay, batch_size=config.batch_size,
                       seed=config.seed, device=config.device, num_workers=config.num_workers, progress=progress)
 
-    model = SmallCNN(num_classes=2)
+    def new_model() -> nn.Module:
+        return spec.build_model(config, data.num_classes)
+
+    model = new_model()
     resolve_cam_layer(model, config.cam_layer, train[0][0].unsqueeze(0))  # fail before training, not after
     with timer("erm"):
         erm = train_erm(model, train, val, epochs=config.epochs, lr=config.lr,
@@ -119,9 +244,11 @@ def run_biased_mnist(config: RunConfig, *, progress: bool = True) -> dict:
     models = {"erm": model}
     diagnostics = {}
     finetune_lr = config.finetune_lr if config.finetune_lr is not None else config.lr
+    spurious = getattr(train, "metadata", {}).get("spurious")
 
-    def finetuned(method: str, masks: torch.Tensor) -> SmallCNN:
-        tuned = SmallCNN(num_classes=2)
+    def finetuned(method: str, masks: torch.Tensor) -> nn.Module:
+        diagnostics[method] = mask_diagnostics(masks, spurious, data.feature_region)
+        tuned = new_model()
         tuned.load_state_dict(erm.last.model)
         with timer(f"finetune_{method}"):
             history = finetune(tuned, MaskedDataset(train, masks), optimizer_state=erm.last.optimizer,
@@ -132,26 +259,25 @@ def run_biased_mnist(config: RunConfig, *, progress: bool = True) -> dict:
 
     if "randmask" in config.methods:
         generator = torch.Generator().manual_seed(config.seed)
-        masks = random_square_masks(len(train), *train.images.shape[-2:], generator=generator)
-        diagnostics["randmask"] = mask_diagnostics(masks, train.metadata["spurious"], data.feature_region)
-        models["randmask"] = finetuned("randmask", masks)
+        models["randmask"] = finetuned(
+            "randmask", random_square_masks(len(train), *train[0][0].shape[-2:], generator=generator))
     if "masktune" in config.methods:
         with timer("masking"):
             masks = compute_masks(model, train, config.cam_layer, method=config.cam_method, k=config.mask_k,
                                   device=config.device, num_workers=config.num_workers, progress=progress)
-        diagnostics["masktune"] = mask_diagnostics(masks, train.metadata["spurious"], data.feature_region)
         models["masktune"] = finetuned("masktune", masks)
 
     with timer("evaluation"):
         accuracies = {method: evaluate(models[method], tests, device=config.device)
-                      for method in METHODS if method in models and method in config.methods}
+                      for method in METHODS if method in config.methods}
     timer.seconds["total"] = round(time.perf_counter() - started, 3)
     config_dict = asdict(config)
-    config_dict.update(out=str(out), finetune_lr=finetune_lr, methods=list(config.methods))
+    config_dict.update(out=str(out), finetune_lr=finetune_lr, methods=list(config.methods), version=spec.version)
     results = {
         "config": config_dict,
         "environment": environment(config.device),
-        "sizes": {"train": len(train), "val": len(val), **{k: len(v) for k, v in tests.items()}},
+        "sizes": {"train": len(train), "val": len(val) if val is not None else 0,
+                  **{k: len(v) for k, v in tests.items()}},
         "accuracy": accuracies,
         "masking": diagnostics,
         "erm_best_epoch": erm.best.epoch,
@@ -160,3 +286,20 @@ def run_biased_mnist(config: RunConfig, *, progress: bool = True) -> dict:
     }
     write_json(results, out / "results.json")
     return results
+
+
+def _biased_mnist_data(config: RunConfig) -> ExperimentData:
+    data = make_biased_mnist(load_mnist(config.data_dir), BiasedMNISTConfig(**config.data, seed=config.seed))
+    return ExperimentData(data.train, data.val, {"original": data.test_original, "biased": data.test_biased},
+                          num_classes=2, feature_region=data.feature_region)
+
+
+register(Experiment(
+    name="biased-mnist",
+    version=1,
+    description="MNIST, digits 0-4 vs 5-9, a coloured square on 99% of class 0 (SPEC.md section 2)",
+    build_data=_biased_mnist_data,
+    build_model=lambda config, num_classes: SmallCNN(num_classes),
+    defaults={"epochs": 3, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128},
+    data_options={f.name: f.default for f in dataclasses.fields(BiasedMNISTConfig) if f.name != "seed"},
+))
