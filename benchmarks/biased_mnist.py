@@ -20,7 +20,7 @@ from pathlib import Path
 def run_seed(seed: int, epochs: int, out: Path, extra: list[str]) -> tuple[dict, float, float]:
     """One run in a child process; returns its results, wall time (s) and peak resident memory (GB)."""
     command = [sys.executable, "-m", "masktune", "run", "biased-mnist", "--seed", str(seed), "--epochs", str(epochs),
-               "--out", str(out / f"seed{seed}"), "--quiet", *extra]
+               "--out", str(out / f"seed{seed}"), "--quiet", "--no-report", *extra]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)

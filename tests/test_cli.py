@@ -5,7 +5,7 @@ import torch
 
 from masktune.cli import main
 
-FAST = ["--epochs", "1", "--val-size", "100", "--quiet", "--batch-size", "64"]
+FAST = ["--epochs", "1", "--val-size", "100", "--quiet", "--batch-size", "64", "--no-report"]
 
 
 def run(mnist_dir, out, *extra):

@@ -7,7 +7,7 @@ import sys
 
 from .errors import MaskTuneError
 from .experiments import EXPERIMENTS, make_config, parse_overrides, run_experiment
-from .reporting import results_table
+from .reporting import results_table, write_report
 
 # command-line flag -> configuration key; flags left out keep the experiment's default
 RUN_FLAGS = {
@@ -49,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any setting, e.g. --set weight_decay=5e-4 --set data.square_size=6")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log per-epoch metrics for TensorBoard (needs pip install 'masktune[tensorboard]')")
+    run.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    report = commands.add_parser("report", help="write the HTML report (heatmaps, masks, accuracy, curves) of a run")
+    report.add_argument("run_dir", help="a run directory, or a directory of run directories (one per seed)")
+    report.add_argument("--device", default="cpu", help="device that runs the models for the heatmaps")
+    report.add_argument("--samples", type=int, default=3, help="training images shown per group")
     return parser
 
 
@@ -57,19 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``masktune`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "report":
+            print(f"report: {write_report(args.run_dir, device=args.device, samples_per_group=args.samples)}")
+            return 0
         given = {key: value for key, value in vars(args).items()
                  if value is not None and (key in RUN_FLAGS or key.startswith("data."))}
         overrides = {RUN_FLAGS[k][0] if k in RUN_FLAGS else k: str(v) for k, v in given.items()}
+        if args.tensorboard:
+            overrides["tensorboard"] = "true"
         config = make_config(args.experiment, overrides | parse_overrides(args.set))
         results = run_experiment(config, progress=not args.quiet)
+        print(results_table(results))
+        print(f"results: {config.out_dir / 'results.json'}")
+        if not args.no_report:
+            print(f"report: {write_report(config.out_dir, device=config.device)}")
     except MaskTuneError as error:
         print(f"masktune: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("masktune: interrupted", file=sys.stderr)
         return 130
-    print(results_table(results))
-    print(f"results: {config.out_dir / 'results.json'}")
     return 0
 
 

@@ -27,6 +27,7 @@ from .errors import MaskTuneError
 from .evaluation import evaluate, mask_diagnostics
 from .masking import MaskedDataset, compute_masks, random_square_masks
 from .models import SmallCNN, resolve_cam_layer
+from .runlog import MetricsLog
 from .training import finetune, train_erm
 
 METHODS = ("erm", "randmask", "masktune")
@@ -58,6 +59,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     num_workers: int = 0
+    tensorboard: bool = False
     data: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -221,6 +223,7 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
     config.validate()
     out = config.out_dir
     write_json({"experiment": spec.name, "version": spec.version, **asdict(config)}, out / "config.json")
+    log = MetricsLog(out, tensorboard=config.tensorboard)
     timer = StageTimer()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -239,7 +242,7 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
     resolve_cam_layer(model, config.cam_layer, train[0][0].unsqueeze(0))  # fail before training, not after
     with timer("erm"):
         erm = train_erm(model, train, val, epochs=config.epochs, lr=config.lr,
-                        checkpoint_dir=out / "checkpoints", **train_args)
+                        checkpoint_dir=out / "checkpoints", on_epoch=log, **train_args)
     model.load_state_dict(erm.best.model)
     models = {"erm": model}
     diagnostics = {}
@@ -254,6 +257,8 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
             history = finetune(tuned, MaskedDataset(train, masks), optimizer_state=erm.last.optimizer,
                                lr=finetune_lr, desc=method, **train_args)
         erm.history.extend(history)
+        for metrics in history:
+            log(metrics)
         save_torch(tuned.state_dict(), out / "checkpoints" / f"{method}.pt")
         return tuned
 
@@ -271,6 +276,7 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
         accuracies = {method: evaluate(models[method], tests, device=config.device)
                       for method in METHODS if method in config.methods}
     timer.seconds["total"] = round(time.perf_counter() - started, 3)
+    log.close()
     config_dict = asdict(config)
     config_dict.update(out=str(out), finetune_lr=finetune_lr, methods=list(config.methods), version=spec.version)
     results = {
