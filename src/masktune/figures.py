@@ -91,9 +91,9 @@ def saliency_panels(
     for name, model in models.items():
         x = images.to(model_device(model))
         _, cam_layer = resolve_cam_layer(model, layer, x[:1])
-        with eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.no_grad():
             confidence, prediction = model(x).softmax(1).max(1)
-        heat, _ = saliency_maps(model, x, cam_layer, method=method, targets=prediction.clone())
+        heat, _ = saliency_maps(model, x, cam_layer, method=method, targets=prediction)
         heatmaps[name], predictions[name], confidences[name] = heat.cpu(), prediction.cpu(), confidence.cpu()
     masks = threshold_masks(next(iter(heatmaps.values())), k)
     masked = images.masked_fill(masks.unsqueeze(1), 0.0)

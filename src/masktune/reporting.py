@@ -230,27 +230,32 @@ def _attention_section(out: Path, run_dir: Path, device: str, samples: int, feat
     caption = "; ".join(rows) + ". Under each heatmap: predicted class and its probability (green when right)."
     if seeds:
         caption += f" Models of the run in {run_dir.name}."
-    parts = [_figure(out, "attention", figure, caption)]
+    figure_html = _figure(out, "attention", figure, caption)
+    if run.data.feature_region is None:
+        return figure_html
+    names = {group: title.split("\n")[0] for group, title in titles.items()}
+    return figure_html + _heat_share_table(run, groups, names, feature)
+
+
+def _heat_share_table(run: LoadedRun, groups: Mapping[tuple, torch.Tensor], names: Mapping[tuple, str],
+                      feature: str, n: int = 128) -> str:
+    """How much of each model's heat falls on the spurious feature, per training group."""
     region = run.data.feature_region
-    if region is not None:
-        n = 128
-        picked = [members[:n] for members in groups.values()]
-        shares = [heat_share(model, run.train, torch.cat(picked).tolist(), region, config.cam_layer).split(
-            [len(p) for p in picked]) for model in run.models.values()]
-        means = [[per_model[i].mean().item() for i in range(len(groups))] for per_model in shares]
-        area = 100 * region.float().mean().item()
-        names = [titles[g].split("\n")[0] for g in groups]
-        top = max(range(len(groups)), key=lambda i: means[0][i])
-        others = "".join(f"; {method_style(m)[0]} {per_group[top]:.1f}%"
-                         for m, per_group in zip(list(run.models)[1:], means[1:]))
-        parts.append(f"<p>Share of each model's heatmap inside the {feature} (mean over up to {n} training images "
-                     f"per group); a model that ignores the {feature} puts about its area's share ({area:.1f}%) "
-                     f"there. In the group “{html.escape(names[top])}”, ERM puts {means[0][top]:.1f}% of its heat "
-                     f"inside the {feature}{others}.</p>")
-        parts.append(_table(["training group", *(method_style(m)[0] for m in run.models), f"{feature} area"],
-                            [[name, *(f"{per_group[i]:.1f}%" for per_group in means), f"{area:.1f}%"]
-                             for i, name in enumerate(names)]))
-    return "\n".join(parts)
+    picked = [members[:n] for members in groups.values()]
+    means = [[share.mean().item() for share in heat_share(model, run.train, torch.cat(picked).tolist(), region,
+                                                          run.config.cam_layer).split([len(p) for p in picked])]
+             for model in run.models.values()]
+    area = 100 * region.float().mean().item()
+    top = max(range(len(groups)), key=lambda i: means[0][i])
+    others = "".join(f"; {method_style(m)[0]} {per_group[top]:.1f}%"
+                     for m, per_group in zip(list(run.models)[1:], means[1:]))
+    text = (f"<p>Share of each model's heatmap inside the {feature} (mean over up to {n} training images per "
+            f"group); a model that ignores the {feature} puts about its area's share ({area:.1f}%) there. In the "
+            f"group “{html.escape(list(names.values())[top])}”, ERM puts {means[0][top]:.1f}% of its heat inside "
+            f"the {feature}{others}.</p>")
+    return text + _table(["training group", *(method_style(m)[0] for m in run.models), f"{feature} area"],
+                         [[names[g], *(f"{per_group[i]:.1f}%" for per_group in means), f"{area:.1f}%"]
+                          for i, g in enumerate(groups)])
 
 
 def _accuracy_rows(runs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -264,15 +269,24 @@ def _accuracy_rows(runs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _masking_table(runs: Sequence[dict], feature: str) -> str:
+    masking = [r.get("masking", {}) for r in runs]
+    keys = list(next(iter(masking[0].values())))
+    return _table(
+        ["method", *(k.replace("_percent", " (%)").replace("_", " ").replace("region", feature) for k in keys)],
+        [[method_style(m)[0], *(_spread([x[m][k] for x in masking if k in x.get(m, {})], 1) for k in keys)]
+         for m in masking[0]])
+
+
 def _run_details(runs: Sequence[dict], run_dirs: Sequence[Path]) -> str:
     def flat(config: Mapping) -> dict[str, Any]:
         values = {k: v for k, v in config.items() if k != "data"}
         return values | {f"data.{k}": v for k, v in config.get("data", {}).items()}
 
-    configs = [flat(r["config"]) for r in runs]
     def shown(value: Any) -> str:
         return value if isinstance(value, str) else json.dumps(value)
 
+    configs = [flat(r["config"]) for r in runs]
     config_rows = [[key, ", ".join(dict.fromkeys(shown(c.get(key)) for c in configs))] for key in configs[0]]
     environments = [r.get("environment", {}) for r in runs]
     environment_rows = [[key, ", ".join(dict.fromkeys(str(e.get(key)) for e in environments))]
@@ -328,13 +342,8 @@ def write_report(path: str | Path, *, device: str = "cpu", samples_per_group: in
             "<h2>Accuracy per test set and group</h2>",
             _figure(out, "accuracy", accuracy_figure(runs, feature),
                     f"Accuracy of each method on each test set, overall and per group{spread}; n = test images.")]
-    masking = [r.get("masking", {}) for r in runs]
-    if masking[0]:
-        keys = list(next(iter(masking[0].values())))
-        body += [f"<h3>Masks on the training set{spread}</h3>", _table(
-            ["method", *(k.replace("_percent", " (%)").replace("_", " ").replace("region", feature) for k in keys)],
-            [[method_style(m)[0], *(_spread([x[m][k] for x in masking if k in x.get(m, {})], 1) for k in keys)]
-             for m in masking[0]])]
+    if runs[0].get("masking"):
+        body += [f"<h3>Masks on the training set{spread}</h3>", _masking_table(runs, feature)]
     body += ["<h2>Training curves</h2>",
              _figure(out, "training", training_figure([r["history"] for r in runs]),
                      "Loss and accuracy per epoch: ERM on the training and validation sets, then each one-epoch "
