@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from .errors import MaskTuneError
 from .experiments import METHODS, RunConfig, run_biased_mnist
+from .masking import RULES
 from .reporting import results_table
 
 EXPERIMENTS = {"biased-mnist": run_biased_mnist}
@@ -39,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=defaults.batch_size)
     run.add_argument("--lr", type=float, default=defaults.lr, help="ERM learning rate")
     run.add_argument("--finetune-lr", type=float, help="finetune learning rate (default: the ERM one, as the authors)")
-    run.add_argument("--mask-k", type=float, default=defaults.mask_k, help="mask heat above mean + k*std")
+    run.add_argument("--cam-method", default=defaults.cam_method,
+                     help="xgradcam, gradcam, gradcam++, hirescam, layercam, or any pytorch-grad-cam method")
+    run.add_argument("--mask-rule", default=defaults.mask_rule, choices=list(RULES),
+                     help="mean-std: heat > mean + k*std; top-percent: the p%% hottest pixels; threshold: heat > t")
+    run.add_argument("--mask-param", type=float, help="the rule's k (default 2), p (default 5) or t (default 0.5)")
+    run.add_argument("--iterations", type=int, default=defaults.iterations,
+                     help="MaskTune iterations: each one after the first re-masks with the finetuned model")
+    run.add_argument("--accumulate", action="store_true", help="with --iterations > 1: add new masks to the old")
+    run.add_argument("--masks", help="reuse this saved mask set (OUT/masks/masktune.pt of an earlier run)")
     run.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data-loader workers")
     biased = run.add_argument_group("biased MNIST")
     biased.add_argument("--conflicting-ratio", type=float, default=defaults.data.conflicting_ratio)
@@ -64,7 +73,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         base, experiment=args.experiment, epochs=args.epochs, seed=args.seed,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out, device=args.device,
         data_dir=args.data_dir, cam_layer=args.cam_layer, limit=args.limit, batch_size=args.batch_size, lr=args.lr,
-        finetune_lr=args.finetune_lr, mask_k=args.mask_k, num_workers=args.num_workers, data=data,
+        finetune_lr=args.finetune_lr, cam_method=args.cam_method, mask_rule=args.mask_rule,
+        mask_param=args.mask_param, iterations=args.iterations, accumulate=args.accumulate, masks=args.masks,
+        num_workers=args.num_workers, data=data,
     )
 
 
