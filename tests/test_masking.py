@@ -292,3 +292,20 @@ def test_iterative_masktune_remasks_with_the_finetuned_model(accumulate):
     assert not torch.equal(result.masks[1].unpack(), first.unpack())  # the finetuned model looks elsewhere
     if accumulate:
         assert (result.masks[2].unpack() >= result.masks[1].unpack()).all()
+
+
+def test_compute_masks_agrees_with_pytorch_grad_cam_and_the_authors_numpy_rule():
+    pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
+    from masktune import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=2).eval()
+    images = torch.rand(40, 3, 28, 28)
+    ours = compute_masks(model, Pairs(images, torch.zeros(40)), batch_size=16, progress=False).unpack().numpy()
+    heat = pytorch_grad_cam.XGradCAM(model=model, target_layers=[model.block4])(images, targets=None)
+    positive = np.where(heat > 0, heat, np.nan)  # the authors' rule: NaN-masked mean and std
+    tau = (np.nanmean(positive, axis=(1, 2)) + 2 * np.nanstd(positive, axis=(1, 2)))[:, None, None]
+    theirs = heat > tau
+    assert theirs.sum() > 100
+    differ = ours != theirs
+    assert differ.sum() <= 3 and np.all(np.abs(heat - tau)[differ] < 1e-5)  # only float rounding at the threshold
