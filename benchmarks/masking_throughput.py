@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +55,12 @@ def workload(name: str, n: int) -> tuple[torch.nn.Module, str, ImageDataset]:
 
 
 def authors_rule(heatmaps: np.ndarray) -> np.ndarray:
-    """The authors' mask rule in numpy: True where heat > mean + 2 std of the positive heat."""
+    """The authors' mask rule in numpy: True where heat > mean + 2 std of the positive heat (an image
+    without positive heat gets a NaN threshold, so no mask)."""
     positive = np.where(heatmaps > 0, heatmaps, np.nan)
-    threshold = np.nanmean(positive, axis=(1, 2)) + 2 * np.nanstd(positive, axis=(1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" for those images
+        threshold = np.nanmean(positive, axis=(1, 2)) + 2 * np.nanstd(positive, axis=(1, 2))
     return heatmaps > threshold[:, None, None]
 
 
@@ -83,6 +87,8 @@ def library_masks(model: torch.nn.Module, layer: str, dataset: ImageDataset, bat
 
 def child(args: argparse.Namespace) -> None:
     """Time one path on one workload; print a JSON line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, layer, dataset = workload(args.child[0], args.child[1])
     model.to(device).eval()
@@ -99,13 +105,17 @@ def child(args: argparse.Namespace) -> None:
 
     run(dataset.subset(8))  # warm-up: thread pools, cuDNN autotuning, lazy imports
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    run(dataset)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(dataset)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = min(times)
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     print(json.dumps({"images": len(dataset), "seconds": seconds, "gpu_peak_mb": gpu_peak}))
 
@@ -113,7 +123,8 @@ def child(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, name: str, n: int, path: str) -> dict:
     """Run one child process; its JSON result plus its peak resident memory."""
     command = [sys.executable, __file__, "--child", name, str(n), path, "--device", args.device,
-               "--workers", str(args.workers)] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+               "--workers", str(args.workers), "--repeat", str(args.repeat), "--threads", str(args.threads)]
+    command += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -131,6 +142,8 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--batch-size", type=int, help="default: 256 for MNIST, 32 for ResNet-50")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers of path (a)")
+    parser.add_argument("--repeat", type=int, default=1, help="time each path this many times, keep the fastest")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -138,8 +151,10 @@ def main() -> None:
         return child(args)
 
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.device} ({device or 'cpu'}), {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cpus")
+          f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}, fastest of {args.repeat}")
     print(f"{'workload':20s} {'path':28s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'peak RSS MB':>12s}"
           + ("  peak GPU MB" if args.device.startswith("cuda") else ""))
     for name in args.workloads:

@@ -11,6 +11,7 @@ from masktune import (MaskedDataset, MaskSet, compute_masks, make_rule, masktune
                       random_square_masks, threshold_masks, train_erm)
 from masktune.data import ImageDataset
 from masktune.errors import MaskTuneError
+from masktune.masking import fold_batchnorm
 from masktune.saliency import saliency_maps
 from masktune.training import continued_sgd, finetune
 
@@ -309,3 +310,40 @@ def test_compute_masks_agrees_with_pytorch_grad_cam_and_the_authors_numpy_rule()
     assert theirs.sum() > 100
     differ = ours != theirs
     assert differ.sum() <= 3 and np.all(np.abs(heat - tau)[differ] < 1e-5)  # only float rounding at the threshold
+
+
+class Shared(nn.Module):
+    """A conv-BN pair, a conv used twice, and data-dependent control flow when asked."""
+
+    def __init__(self, branchy=False):
+        super().__init__()
+        self.branchy = branchy
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.twice, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).relu()
+        if self.branchy and x.sum() > 0:
+            x = -x
+        x = self.bn2(self.twice(self.twice(x)))
+        return self.head(x)
+
+
+def test_fold_batchnorm_folds_only_safe_pairs_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = Shared()
+    x = torch.rand(5, 3, 12, 10)
+    model(x)
+    model.train()
+    for bn in (model.bn, model.bn2, model.head[1]):  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    folded = fold_batchnorm(model, keep="head.0")
+    assert model.training and isinstance(model.bn, nn.BatchNorm2d)  # the model itself is untouched
+    assert isinstance(folded.bn, nn.Identity)  # conv -> bn: folded
+    assert isinstance(folded.bn2, nn.BatchNorm2d)  # after a conv that runs twice: kept
+    assert isinstance(folded.head[1], nn.BatchNorm2d)  # after the CAM layer's conv: kept
+    with torch.no_grad():
+        assert (folded(x) - model.eval()(x)).abs().max() < 1e-5
+    branchy = Shared(branchy=True)
+    assert fold_batchnorm(branchy) is branchy  # cannot be traced: used as it is

@@ -3,14 +3,17 @@ that applies masks, and iterative MaskTune (re-mask with the finetuned model, fi
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -141,18 +144,46 @@ def compute_masks(
     model.to(device)
     cam, rule = get_method(method), make_rule(rule)
     example = first_batch(dataset, device)
-    layer_name, cam_layer = resolve_cam_layer(model, layer, preprocess(example) if preprocess else example)
-    memory_format = _fastest_memory_format(model, preprocess(example) if preprocess else example)
+    example = preprocess(example) if preprocess else example
+    layer_name, _ = resolve_cam_layer(model, layer, example)
+    folded = fold_batchnorm(model, keep=layer_name)
+    cam_layer = folded.get_submodule(layer_name)
+    memory_format = _fastest_memory_format(folded, example)
     packed = []
     loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
     for images, *_ in tqdm(loader, desc="masking", unit="batch", disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
         images = (preprocess(images) if preprocess else images).contiguous(memory_format=memory_format)
-        heat, _ = saliency_maps(model, images, cam_layer, method=cam, amp=amp)
+        heat, _ = saliency_maps(folded, images, cam_layer, method=cam, amp=amp)
         packed.append(pack_bits(rule(heat)).cpu())
     return MaskSet(torch.cat(packed), *example.shape[-2:], {
         "cam_method": cam.name, "layer": layer_name, "rule": repr(rule), "model_fingerprint": model_fingerprint(model),
     })
+
+
+def fold_batchnorm(model: nn.Module, keep: str = "") -> nn.Module:
+    """An eval-mode copy of ``model`` in which every BatchNorm2d applied right after a Conv2d is folded
+    into it (the same outputs up to float rounding, one pass over the feature map less); ``model``
+    itself when it cannot be traced (``torch.fx``) or copied. The conv named ``keep`` (the CAM layer)
+    keeps its own output."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+        folded = copy.deepcopy(model).eval()
+    except Exception:  # tracing fails on data-dependent control flow, in many ways
+        return model
+    modules = dict(folded.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for node in graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if (isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(source, torch.fx.Node)
+                and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d)
+                and len(source.users) == 1 and calls[source.target] == calls[node.target] == 1
+                and source.target != keep):
+            for name, module in ((source.target, fuse_conv_bn_eval(modules[source.target], modules[node.target])),
+                                 (node.target, nn.Identity())):
+                parent, _, attribute = name.rpartition(".")
+                setattr(folded.get_submodule(parent), attribute, module)
+    return folded
 
 
 def _fastest_memory_format(model: nn.Module, example: torch.Tensor) -> torch.memory_format:
