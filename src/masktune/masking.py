@@ -138,7 +138,8 @@ def compute_masks(
     the device before the model (e.g. normalisation; it must not move pixels). Batches stream from
     a DataLoader (``num_workers``, pinned memory on a GPU); only one batch of activations is alive
     at a time, and each batch's masks are packed at once. ``amp``: float16 autocast on a GPU.
-    The model runs in eval mode on ``device`` (default: the model's).
+    The model moves to ``device`` (default: the model's); the maps come from an eval-mode copy made
+    by :func:`fold_batchnorm`, fed channels-last images when it accepts them (both only for speed).
     """
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
