@@ -3,8 +3,9 @@
 Paths, on the same machine, model and images:
   (a) masktune.compute_masks: native batched xGradCAM, mean + 2 std rule on the device, bit-packed masks;
   (b) pytorch-grad-cam's XGradCAM, then the authors' mean + 2 std rule in numpy (NaN-masked mean/std);
-  (c) (b), then every masked image written to PNG and read back, as the authors' pipeline does
-      (here in one process, without their process pool per batch).
+  (c) (b) plus the authors' PNG round trip: per image, read the original PNG, stretch the mask over it,
+      write the masked image as PNG; then read every masked PNG back (all in this process: the authors
+      also start a process pool per batch, which is not counted here).
 Workloads: the small CNN on 28 x 28 biased MNIST, and torchvision's ResNet-50 (random weights) at
 224 x 224 on random images. Each (workload, path) runs in its own process so that its peak memory
 is its own. Needs the `bench` extra (grad-cam, pillow) and MNIST (cached, or fetched as usual).
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,25 +66,38 @@ def authors_rule(heatmaps: np.ndarray) -> np.ndarray:
     return heatmaps > threshold[:, None, None]
 
 
+def write_originals(dataset: ImageDataset, folder: Path) -> None:
+    """The dataset as PNG files, as the authors keep it (setup, not timed)."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i, image in enumerate(dataset.images.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(folder / f"{i}.png")
+
+
 def library_masks(model: torch.nn.Module, layer: str, dataset: ImageDataset, batch_size: int, device: torch.device,
-                  png_dir: Path | None) -> None:
-    """Paths (b) and (c)."""
+                  png_dir: Path | None) -> list[np.ndarray]:
+    """Path (b); with ``png_dir`` (holding ``original/``), path (c): per image, as the authors' code does,
+    read the original PNG, stretch the mask over it (OpenCV nearest), write the masked image as PNG;
+    then read every masked PNG back, as their finetuning data loader does."""
+    import cv2
     from PIL import Image
     from pytorch_grad_cam import XGradCAM
 
     masks = []
     cam = XGradCAM(model=model, target_layers=[model.get_submodule(layer)])
     for start, (images, _) in zip(range(0, len(dataset), batch_size), make_loader(dataset, batch_size, device=device)):
-        batch_masks = authors_rule(cam(images.to(device), targets=None))
-        masks.append(batch_masks)
+        masks.append(authors_rule(cam(images.to(device), targets=None)))
         if png_dir is not None:
-            raw = dataset.images[start : start + len(images)].permute(0, 2, 3, 1).numpy()
-            for i, (image, mask) in enumerate(zip(raw, batch_masks)):
-                Image.fromarray(image * (~mask)[..., None].astype(np.uint8)).save(png_dir / f"{start + i}.png")
+            for i, mask in enumerate(masks[-1], start):
+                original = Image.open(png_dir / "original" / f"{i}.png").convert("RGB")
+                keep = cv2.resize((~mask).astype(np.uint8), original.size, interpolation=cv2.INTER_NEAREST)
+                Image.fromarray(np.asarray(original) * keep[..., None]).save(png_dir / f"{i}.png")
     if png_dir is not None:
         for i in range(len(dataset)):
             with Image.open(png_dir / f"{i}.png") as image:
                 np.asarray(image.convert("RGB"))
+    return masks
 
 
 def child(args: argparse.Namespace) -> None:
@@ -95,13 +110,16 @@ def child(args: argparse.Namespace) -> None:
     batch_size = args.batch_size or (256 if args.child[0] == "mnist" else 32)
     path = args.child[2]
 
+    png_dir = Path(tempfile.mkdtemp(prefix="masking-throughput-")) if path == "png" else None
+    if png_dir is not None:
+        write_originals(dataset, png_dir / "original")
+
     def run(data: ImageDataset) -> None:
         if path == "native":
             compute_masks(model, data, layer, batch_size=batch_size, device=device, num_workers=args.workers,
                           progress=False)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                library_masks(model, layer, data, batch_size, device, Path(tmp) if path == "png" else None)
+            library_masks(model, layer, data, batch_size, device, png_dir)
 
     run(dataset.subset(8))  # warm-up: thread pools, cuDNN autotuning, lazy imports
     if device.type == "cuda":
@@ -116,6 +134,8 @@ def child(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     seconds = min(times)
+    if png_dir is not None:
+        shutil.rmtree(png_dir)
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     print(json.dumps({"images": len(dataset), "seconds": seconds, "gpu_peak_mb": gpu_peak}))
 
