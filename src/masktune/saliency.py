@@ -126,8 +126,8 @@ def _key(name: str) -> str:
 class LibraryCAM(CAM):
     """Any pytorch-grad-cam method, by its class name (case, ``-`` and ``_`` ignored: ``"scorecam"``).
 
-    Runs pytorch-grad-cam itself (its own per-image loops, on the model's device); the model's
-    modes, hooks and parameter gradients are restored afterwards.
+    Runs pytorch-grad-cam itself (its own per-image loops, in float32 on the model's device: ``amp``
+    is ignored); the model's modes, hooks and parameter gradients are restored afterwards.
     """
 
     def __init__(self, name: str) -> None:
