@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from masktune import MaskSet
 from masktune.cli import main
 
 FAST = ["--epochs", "1", "--val-size", "100", "--quiet", "--batch-size", "64", "--no-report"]
@@ -33,6 +34,36 @@ def test_end_to_end_run_writes_results_and_checkpoints(mnist_dir, tmp_path, caps
     assert results["config"]["finetune_lr"] == results["config"]["lr"] == 0.01
     for name in ("erm_best", "erm_last", "masktune", "randmask"):
         assert (tmp_path / "a" / "checkpoints" / f"{name}.pt").is_file()
+    masks = MaskSet.load(tmp_path / "a" / "masks" / "masktune.pt")
+    assert masks.shape == (300, 28, 28)
+    assert masks.meta["cam_method"] == "xgradcam" and masks.meta["rule"] == "mean-std(k=2)"
+    assert masks.meta["layer"] == "block4"
+
+
+def test_saved_masks_are_reused_and_mismatches_refused(mnist_dir, tmp_path, capsys):
+    common = ("--limit", "200", "--methods", "masktune")
+    assert run(mnist_dir, tmp_path / "a", *common) == 0
+    saved = tmp_path / "a" / "masks" / "masktune.pt"
+    assert run(mnist_dir, tmp_path / "b", *common, "--masks", str(saved)) == 0
+    a, b = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("a", "b"))
+    assert a["accuracy"] == b["accuracy"] and a["masking"] == b["masking"]
+    assert MaskSet.load(tmp_path / "b" / "masks" / "masktune.pt") == MaskSet.load(saved)
+    capsys.readouterr()
+    for extra, words in ((("--seed", "1"), "weights differ"), (("--cam-method", "gradcam"), "cam_method"),
+                         (("--limit", "150"), "holds 200 masks but the dataset has 150")):
+        assert run(mnist_dir, tmp_path / "c", *common, "--masks", str(saved), *extra) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_iterations_with_accumulated_masks(mnist_dir, tmp_path):
+    out = tmp_path / "it"
+    assert run(mnist_dir, out, "--limit", "200", "--methods", "masktune", "--iterations", "2", "--accumulate") == 0
+    first = MaskSet.load(out / "masks" / "masktune.pt").unpack()
+    second = MaskSet.load(out / "masks" / "masktune_iteration2.pt").unpack()
+    assert (second >= first).all() and second.sum() > first.sum()
+    results = json.loads((out / "results.json").read_text())
+    assert [h["iteration"] for h in results["history"] if h["stage"] == "masktune"] == [1, 2]
+    assert set(results["masking"]) == {"masktune", "masktune_iteration2"}
 
 
 def test_same_seed_gives_identical_results(mnist_dir, tmp_path):
@@ -57,6 +88,10 @@ def test_run_without_experiment_name_runs_biased_mnist(mnist_dir, tmp_path):
     (["--epochs", "0"], "at least 1"),
     (["--device", "cuda:7"], "not available"),
     (["--cam-layer", "block9"], "no layer named 'block9'"),
+    (["--cam-method", "nosuchcam"], "unknown CAM method 'nosuchcam'"),
+    (["--mask-rule", "top-percent", "--mask-param", "0"], "0 < p <= 100"),
+    (["--iterations", "0"], "iterations must be at least 1"),
+    (["--masks", "nowhere.pt"], "does not exist"),
 ])
 def test_user_errors_exit_2_with_a_message(mnist_dir, tmp_path, capsys, args, words):
     if "cuda" in args[-1] and torch.cuda.is_available():

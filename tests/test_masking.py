@@ -1,10 +1,19 @@
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
+from torchvision import transforms
 
-from masktune import MaskedDataset, compute_masks, random_square_masks, threshold_masks
+from masktune import (MaskedDataset, MaskSet, compute_masks, make_rule, masktune_finetune, model_fingerprint,
+                      random_square_masks, threshold_masks, train_erm)
+from masktune.data import ImageDataset
+from masktune.errors import MaskTuneError
+from masktune.masking import fold_batchnorm
 from masktune.saliency import saliency_maps
+from masktune.training import continued_sgd, finetune
 
 
 def test_rule_hand_computed():
@@ -102,6 +111,16 @@ def test_masked_dataset_zeroes_every_channel_and_keeps_the_rest():
     assert (shifted[1][0][:, 2, 3] == -1).all()  # the transform runs after masking
 
 
+def test_masked_dataset_takes_a_mask_set():
+    images = torch.rand(5, 3, 4, 6) + 0.5
+    masks = torch.rand(5, 4, 6) < 0.4
+    packed = MaskedDataset(Pairs(images, torch.arange(5)), MaskSet.from_bool(masks))
+    plain = MaskedDataset(Pairs(images, torch.arange(5)), masks)
+    for i in range(5):
+        assert torch.equal(packed[i][0], plain[i][0])
+        assert torch.equal(packed[i][0] == 0, masks[i].expand(3, -1, -1))
+
+
 def test_masked_dataset_refuses_mismatches():
     images = torch.rand(4, 3, 5, 6)
     with pytest.raises(ValueError, match="4 images"):
@@ -121,6 +140,210 @@ def test_compute_masks_matches_whole_batch_rule_and_is_batch_size_independent():
     expected = threshold_masks(heat)
     small = compute_masks(model, dataset, "1", batch_size=3, progress=False)
     large = compute_masks(model, dataset, "1", batch_size=10, progress=False)
-    assert small.shape == (10, 9, 11) and small.dtype == torch.bool
-    assert torch.equal(small, expected) and torch.equal(large, expected)
+    assert small.shape == (10, 9, 11)
+    assert torch.equal(small.unpack(), expected) and torch.equal(large.unpack(), expected)
     assert expected.any()
+    assert small.meta == {"cam_method": "xgradcam", "layer": "1", "rule": "mean-std(k=2)",
+                          "model_fingerprint": model_fingerprint(model)}
+
+
+def test_compute_masks_with_other_method_rule_and_preprocessing():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 7 * 9, 3))
+    images = torch.rand(6, 3, 9, 11)
+    heat, _ = saliency_maps(model, (images - 0.5) * 4, model[1], method="gradcam++")
+    masks = compute_masks(model, Pairs(images, torch.zeros(6)), "1", method="Grad-CAM++",
+                          rule=make_rule("threshold", 0.3), preprocess=lambda x: (x - 0.5) * 4, batch_size=4,
+                          progress=False)
+    assert torch.equal(masks.unpack(), heat > 0.3)
+    assert masks.meta["cam_method"] == "gradcam++" and masks.meta["rule"] == "threshold(t=0.3)"
+
+
+class ViewNet(nn.Module):
+    """Flattens with ``view``, which fails on channels-last feature maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 7 * 9, 3)
+
+    def forward(self, x):
+        x = self.conv(x).relu()
+        return self.fc(x.view(len(x), -1))
+
+
+def test_compute_masks_works_with_models_that_need_contiguous_maps():
+    torch.manual_seed(0)
+    model = ViewNet()
+    images = torch.rand(6, 3, 9, 11)
+    with pytest.raises(RuntimeError, match="view"):
+        model(images.contiguous(memory_format=torch.channels_last))
+    heat, _ = saliency_maps(model, images, model.conv)
+    masks = compute_masks(model, Pairs(images, torch.zeros(6)), "conv", progress=False)
+    assert torch.equal(masks.unpack(), threshold_masks(heat))
+
+
+@pytest.mark.parametrize("p", [1, 5, 12.5, 100])
+def test_top_percent_rule_brute_force(p):
+    heat = torch.rand(4, 6, 7)
+    heat[0] = 0  # no positive heat: nothing masked
+    heat[1, :3] = 0  # only 21 positive pixels: never mask a zero
+    heat[2] = heat[2].round(decimals=1)  # ties: the first in row-major order win
+    masks = make_rule("top-percent", p)(heat)
+    n = math.floor(p / 100 * 42 + 0.5)
+    for image, mask in zip(heat, masks):
+        ranked = sorted(range(42), key=lambda i: (-image.flatten()[i].item(), i))[:n]
+        expected = torch.zeros(42, dtype=torch.bool)
+        expected[[i for i in ranked if image.flatten()[i] > 0]] = True
+        assert torch.equal(mask.flatten(), expected)
+
+
+def test_rules_by_name_and_their_parameters():
+    heat = torch.tensor([[[0.0, 0.2], [0.5, 0.9]]])
+    assert make_rule("threshold", 0.5)(heat).flatten().tolist() == [False, False, False, True]
+    assert make_rule("threshold")(heat).flatten().tolist() == [False, False, False, True]  # default t = 0.5
+    assert torch.equal(make_rule("mean-std", 1)(heat), threshold_masks(heat, 1))
+    assert repr(make_rule("mean-std")) == "mean-std(k=2)" and repr(make_rule("top-percent")) == "top-percent(p=5)"
+    with pytest.raises(MaskTuneError, match="unknown mask rule 'otsu'"):
+        make_rule("otsu")
+    with pytest.raises(MaskTuneError, match="0 < p <= 100"):
+        make_rule("top-percent", 0)
+    with pytest.raises(MaskTuneError, match="0 <= t < 1"):
+        make_rule("threshold", 1.5)
+
+
+def patch_images(n=8, size=16, side=4, seed=0):
+    """Grey images with a bright square at a random place, and masks covering exactly the squares."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.full((n, 3, size, size), 0.5)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    for i, (r, c) in enumerate(torch.randint(0, size - side + 1, (n, 2), generator=g).tolist()):
+        images[i, :, r : r + side, c : c + side] = 1.0
+        masks[i, r : r + side, c : c + side] = True
+    return images, masks
+
+
+def test_random_crop_after_masking_keeps_masks_on_their_pixels():
+    images, masks = patch_images()
+    data = MaskedDataset(Pairs(images, torch.arange(8)), MaskSet.from_bool(masks),
+                         transform=transforms.RandomCrop(16, padding=4))
+    torch.manual_seed(0)
+    for i in range(8):
+        for _ in range(5):
+            image = data[i][0]
+            assert not (image == 1.0).any()  # the whole square is masked, wherever the crop moved it
+            assert ((image == 0.5) | (image == 0)).all()
+
+
+def test_a_random_crop_before_masking_would_misalign_them():
+    images, masks = patch_images()
+    torch.manual_seed(0)
+    crop = transforms.RandomCrop(16, padding=4)
+    augmented = torch.stack([crop(image) for image in images])  # the augmentation inside the dataset
+    data = MaskedDataset(Pairs(augmented, torch.arange(8)), masks)
+    assert any((data[i][0] == 1.0).any() for i in range(8))
+
+
+def test_authors_geometry_stretches_masks_over_the_raw_image_like_opencv():
+    cv2 = pytest.importorskip("cv2")
+    raw = ImageDataset(torch.randint(100, 256, (3, 3, 30, 41), dtype=torch.uint8), torch.arange(3))
+    masks = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0)) < 0.3
+    data = MaskedDataset(raw, MaskSet.from_bool(masks), geometry="authors")
+    batch, _ = data.__getitems__([0, 1, 2])
+    for i in range(3):
+        expected = cv2.resize(masks[i].numpy().astype(np.uint8), (41, 30), interpolation=cv2.INTER_NEAREST)
+        assert np.array_equal((data[i][0] == 0).all(0).numpy(), expected.astype(bool))
+        assert torch.equal(batch[i], data[i][0])
+    with pytest.raises(MaskTuneError, match="unknown mask geometry"):
+        MaskedDataset(raw, masks, geometry="centre")
+
+
+def tiny_task(n=48):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 2
+    images[labels == 1, :, 2:6, 2:6] = 255
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 2))
+    train = ImageDataset(images, labels)
+    erm = train_erm(model, train, epochs=1, lr=0.05, batch_size=16, progress=False)
+    return model, train, erm
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_iterative_masktune_remasks_with_the_finetuned_model(accumulate):
+    model, train, erm = tiny_task()
+    first = compute_masks(model, train, "1", progress=False)
+    args = dict(batch_size=16, progress=False)
+    tuned = copy.deepcopy(model)
+    result = masktune_finetune(tuned, train, first, iterations=3, accumulate=accumulate, layer="1", lr=0.05,
+                               optimizer_state=erm.last.optimizer, **args)
+
+    reference = copy.deepcopy(model)  # the same steps, spelled out
+    optimizer = continued_sgd(reference, 0.05, state=erm.last.optimizer)
+    masks = first
+    for iteration in range(3):
+        if iteration:
+            new = compute_masks(reference, MaskedDataset(train, masks) if accumulate else train, "1", progress=False)
+            masks = MaskSet.from_bool(masks.unpack() | new.unpack()) if accumulate else new
+        assert torch.equal(result.masks[iteration].unpack(), masks.unpack())
+        finetune(reference, MaskedDataset(train, masks), optimizer=optimizer, seed=iteration, **args)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), reference.state_dict().values()))
+    assert [h["iteration"] for h in result.history] == [1, 2, 3]
+    assert not torch.equal(result.masks[1].unpack(), first.unpack())  # the finetuned model looks elsewhere
+    if accumulate:
+        assert (result.masks[2].unpack() >= result.masks[1].unpack()).all()
+
+
+def test_compute_masks_agrees_with_pytorch_grad_cam_and_the_authors_numpy_rule():
+    pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
+    from masktune import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=2).eval()
+    images = torch.rand(40, 3, 28, 28)
+    ours = compute_masks(model, Pairs(images, torch.zeros(40)), batch_size=16, progress=False).unpack().numpy()
+    heat = pytorch_grad_cam.XGradCAM(model=model, target_layers=[model.block4])(images, targets=None)
+    positive = np.where(heat > 0, heat, np.nan)  # the authors' rule: NaN-masked mean and std
+    tau = (np.nanmean(positive, axis=(1, 2)) + 2 * np.nanstd(positive, axis=(1, 2)))[:, None, None]
+    theirs = heat > tau
+    assert theirs.sum() > 100
+    differ = ours != theirs
+    assert differ.sum() <= 3 and np.all(np.abs(heat - tau)[differ] < 1e-5)  # only float rounding at the threshold
+
+
+class Shared(nn.Module):
+    """A conv-BN pair, a conv used twice, and data-dependent control flow when asked."""
+
+    def __init__(self, branchy=False):
+        super().__init__()
+        self.branchy = branchy
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.twice, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).relu()
+        if self.branchy and x.sum() > 0:
+            x = -x
+        x = self.bn2(self.twice(self.twice(x)))
+        return self.head(x)
+
+
+def test_fold_batchnorm_folds_only_safe_pairs_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = Shared()
+    x = torch.rand(5, 3, 12, 10)
+    model(x)
+    model.train()
+    for bn in (model.bn, model.bn2, model.head[1]):  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    folded = fold_batchnorm(model, keep="head.0")
+    assert model.training and isinstance(model.bn, nn.BatchNorm2d)  # the model itself is untouched
+    assert isinstance(folded.bn, nn.Identity)  # conv -> bn: folded
+    assert isinstance(folded.bn2, nn.BatchNorm2d)  # after a conv that runs twice: kept
+    assert isinstance(folded.head[1], nn.BatchNorm2d)  # after the CAM layer's conv: kept
+    with torch.no_grad():
+        assert (folded(x) - model.eval()(x)).abs().max() < 1e-5
+    branchy = Shared(branchy=True)
+    assert fold_batchnorm(branchy) is branchy  # cannot be traced: used as it is

@@ -18,6 +18,7 @@ from torch import nn
 
 from masktune import saliency_maps, threshold_masks
 from masktune.cli import main
+from masktune.masking import make_rule
 from masktune.data import ImageDataset
 from masktune.figures import (accuracy_figure, png_bytes, risk_coverage_figure, saliency_grid, saliency_panels,
                               training_figure)
@@ -124,7 +125,7 @@ def random_images(n=10, seed=1):
 def test_saliency_panels_agree_with_the_primitives():
     models, dataset = two_models(), random_images()
     indices = [7, 2, 5]
-    panels = saliency_panels(models, dataset, indices, k=1.5)
+    panels = saliency_panels(models, dataset, indices, rule=make_rule("mean-std", 1.5))
     images = dataset.images[indices].float() / 255
     assert torch.equal(panels.images, images) and panels.labels.tolist() == [1, 0, 1]
     for name, layer in (("cnn", models["cnn"].block4), ("plain", models["plain"][1])):

@@ -65,6 +65,11 @@ def test_finetune_continues_the_optimizer_with_the_given_lr():
         finetune(model, train, optimizer_state=state, lr=0.05, batch_size=32, progress=False)
     # the momentum buffers of the ERM optimizer change the first steps
     assert not torch.equal(with_state[0].weight, fresh[0].weight)
+    again = tiny_model()
+    again.load_state_dict(erm.last.model)
+    finetune(again, train, optimizer_state=erm.last.optimizer, lr=0.05, batch_size=32, progress=False)
+    # finetuning did not change the checkpoint's optimizer state: a second finetune from it is the same
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), with_state.state_dict().values()))
 
 
 def test_non_finite_loss_stops_training():

@@ -22,7 +22,14 @@ RUN_FLAGS = {
     "batch_size": ("batch_size", int, "training batch size"),
     "lr": ("lr", float, "ERM learning rate"),
     "finetune_lr": ("finetune_lr", float, "finetune learning rate (default: the ERM one, as the authors)"),
-    "mask_k": ("mask_k", float, "mask heat above mean + k*std of the positive heat (default 2)"),
+    "cam_method": ("cam_method", str, "xgradcam, gradcam, gradcam++, hirescam, layercam, or any pytorch-grad-cam "
+                   "method"),
+    "mask_rule": ("mask_rule", str, "mean-std: heat > mean + k*std; top-percent: the p%% hottest pixels; "
+                  "threshold: heat > t"),
+    "mask_param": ("mask_param", float, "the rule's k (default 2), p (default 5) or t (default 0.5)"),
+    "iterations": ("iterations", int, "MaskTune iterations: each one after the first re-masks with the finetuned "
+                   "model"),
+    "masks": ("masks", str, "reuse this saved mask set (OUT/masks/masktune.pt of an earlier run)"),
     "num_workers": ("num_workers", int, "data-loader worker processes"),
 }
 DATA_FLAGS = {
@@ -49,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any setting, e.g. --set weight_decay=5e-4 --set data.square_size=6")
+    run.add_argument("--accumulate", action="store_true", help="with --iterations > 1: add new masks to the old")
     run.add_argument("--tensorboard", action="store_true",
                      help="also log per-epoch metrics for TensorBoard (needs pip install 'masktune[tensorboard]')")
     run.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
@@ -70,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         given = {key: value for key, value in vars(args).items()
                  if value is not None and (key in RUN_FLAGS or key.startswith("data."))}
         overrides = {RUN_FLAGS[k][0] if k in RUN_FLAGS else k: str(v) for k, v in given.items()}
-        if args.tensorboard:
-            overrides["tensorboard"] = "true"
+        overrides |= {flag: "true" for flag in ("tensorboard", "accumulate") if getattr(args, flag)}
         config = make_config(args.experiment, overrides | parse_overrides(args.set))
         results = run_experiment(config, progress=not args.quiet)
         print(results_table(results))

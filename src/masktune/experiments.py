@@ -25,10 +25,12 @@ from ._io import save_torch, write_json
 from .data import BiasedMNISTConfig, load_mnist, make_biased_mnist
 from .errors import MaskTuneError
 from .evaluation import evaluate, mask_diagnostics
-from .masking import MaskedDataset, compute_masks, random_square_masks
+from .masking import compute_masks, make_rule, masktune_finetune, random_square_masks
+from .masksets import MaskSet
 from .models import SmallCNN, resolve_cam_layer
 from .runlog import MetricsLog
-from .training import finetune, train_erm
+from .saliency import get_method
+from .training import train_erm
 
 METHODS = ("erm", "randmask", "masktune")
 
@@ -52,7 +54,11 @@ class RunConfig:
     limit: int | None = None
     cam_layer: str | None = None
     cam_method: str = "xgradcam"
-    mask_k: float = 2.0
+    mask_rule: str = "mean-std"
+    mask_param: float | None = None
+    iterations: int = 1
+    accumulate: bool = False
+    masks: str | None = None
     batch_size: int = 128
     lr: float = 0.01
     finetune_lr: float | None = None
@@ -76,6 +82,10 @@ class RunConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be a positive number of images, got {self.limit}")
+        if self.iterations < 1:
+            raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
+        make_rule(self.mask_rule, self.mask_param)
+        get_method(self.cam_method)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} is not available (no CUDA GPU visible); use --device cpu")
 
@@ -239,7 +249,13 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
         return spec.build_model(config, data.num_classes)
 
     model = new_model()
-    resolve_cam_layer(model, config.cam_layer, train[0][0].unsqueeze(0))  # fail before training, not after
+    layer, _ = resolve_cam_layer(model, config.cam_layer, train[0][0].unsqueeze(0))  # fail before training
+    mask_settings = dict(layer=layer, method=config.cam_method, rule=make_rule(config.mask_rule, config.mask_param))
+    reused = None
+    if config.masks and "masktune" in config.methods:
+        expected = {"cam_method": get_method(config.cam_method).name, "layer": layer,
+                    "rule": repr(mask_settings["rule"])}
+        reused = MaskSet.load(config.masks, dataset=train, expect=expected)
     with timer("erm"):
         erm = train_erm(model, train, val, epochs=config.epochs, lr=config.lr,
                         checkpoint_dir=out / "checkpoints", on_epoch=log, **train_args)
@@ -249,28 +265,37 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
     finetune_lr = config.finetune_lr if config.finetune_lr is not None else config.lr
     spurious = getattr(train, "metadata", {}).get("spurious")
 
-    def finetuned(method: str, masks: torch.Tensor) -> nn.Module:
-        diagnostics[method] = mask_diagnostics(masks, spurious, data.feature_region)
+    def finetuned(name: str, masks: MaskSet | torch.Tensor, **iterate: Any) -> tuple[nn.Module, list]:
         tuned = new_model()
         tuned.load_state_dict(erm.last.model)
-        with timer(f"finetune_{method}"):
-            history = finetune(tuned, MaskedDataset(train, masks), optimizer_state=erm.last.optimizer,
-                               lr=finetune_lr, desc=method, **train_args)
-        erm.history.extend(history)
-        for metrics in history:
+        with timer(f"finetune_{name}"):
+            result = masktune_finetune(tuned, train, masks, optimizer_state=erm.last.optimizer, lr=finetune_lr,
+                                       desc=name, **iterate, **train_args)
+        erm.history.extend(result.history)
+        for metrics in result.history:
             log(metrics)
-        save_torch(tuned.state_dict(), out / "checkpoints" / f"{method}.pt")
-        return tuned
+        save_torch(tuned.state_dict(), out / "checkpoints" / f"{name}.pt")
+        return tuned, result.masks
 
     if "randmask" in config.methods:
         generator = torch.Generator().manual_seed(config.seed)
-        models["randmask"] = finetuned(
-            "randmask", random_square_masks(len(train), *train[0][0].shape[-2:], generator=generator))
+        masks = random_square_masks(len(train), *train[0][0].shape[-2:], generator=generator)
+        diagnostics["randmask"] = mask_diagnostics(masks, spurious, data.feature_region)
+        models["randmask"], _ = finetuned("randmask", masks)
     if "masktune" in config.methods:
         with timer("masking"):
-            masks = compute_masks(model, train, config.cam_layer, method=config.cam_method, k=config.mask_k,
-                                  device=config.device, num_workers=config.num_workers, progress=progress)
-        models["masktune"] = finetuned("masktune", masks)
+            if reused is not None:
+                reused.check(model=model, source=config.masks)
+                masks = reused
+            else:
+                masks = compute_masks(model, train, device=config.device, num_workers=config.num_workers,
+                                      progress=progress, **mask_settings)
+        models["masktune"], iterations = finetuned(
+            "masktune", masks, iterations=config.iterations, accumulate=config.accumulate, **mask_settings)
+        for i, masks in enumerate(iterations, 1):
+            key = "masktune" if i == 1 else f"masktune_iteration{i}"
+            masks.save(out / "masks" / f"{key}.pt")
+            diagnostics[key] = mask_diagnostics(masks.unpack(), spurious, data.feature_region)
 
     with timer("evaluation"):
         accuracies = {method: evaluate(models[method], tests, device=config.device)

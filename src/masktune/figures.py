@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset
 
-from .masking import threshold_masks
+from .masking import MaskRule, make_rule
 from .models import eval_mode, resolve_cam_layer
 from .saliency import CAM, saliency_maps
 from .training import model_device
@@ -74,10 +74,10 @@ def saliency_panels(
     layer: str | None = None,
     *,
     method: str | CAM = "xgradcam",
-    k: float = 2.0,
+    rule: str | MaskRule = "mean-std",
 ) -> SaliencyPanels:
     """Heatmaps of each model (for its predicted class) on ``dataset[indices]``, and MaskTune's
-    mask (heat > mean + ``k`` std, :func:`~masktune.threshold_masks`) from the first model's heatmaps.
+    mask (by the mask ``rule``, default heat > mean + 2 std) from the first model's heatmaps.
 
     ``layer`` is a dotted module name found in every model (``None``: each model's own CAM layer);
     each model runs on its own device, in eval mode.
@@ -95,7 +95,7 @@ def saliency_panels(
             confidence, prediction = model(x).softmax(1).max(1)
         heat, _ = saliency_maps(model, x, cam_layer, method=method, targets=prediction)
         heatmaps[name], predictions[name], confidences[name] = heat.cpu(), prediction.cpu(), confidence.cpu()
-    masks = threshold_masks(next(iter(heatmaps.values())), k)
+    masks = make_rule(rule)(next(iter(heatmaps.values())))
     masked = images.masked_fill(masks.unsqueeze(1), 0.0)
     return SaliencyPanels(images, labels, heatmaps, predictions, confidences, masks, masked)
 
@@ -132,12 +132,12 @@ def saliency_grid(
     finetuned: Mapping[str, nn.Module] | None = None,
     model_name: str = "ERM",
     method: str | CAM = "xgradcam",
-    k: float = 2.0,
+    rule: str | MaskRule = "mean-std",
     class_names: Sequence[str] | None = None,
     cell_inches: float = 1.1,
 ) -> Figure:
     """The heatmap / mask grid for any model, CAM layer and dataset: one column per image, rows
-    image, ``model``'s heatmap overlay, its mask (heat > mean + ``k`` std), the masked image, then
+    image, ``model``'s heatmap overlay, its mask (by ``rule``), the masked image, then
     the heatmap of each ``finetuned`` model (e.g. ``{"MaskTune": tuned}``) on the original image.
 
     ``indices`` picks the images; a mapping ``{group title: indices}`` draws titled column groups.
@@ -150,9 +150,9 @@ def saliency_grid(
         raise ValueError("saliency_grid needs at least one image index")
     models = {model_name: model, **(finetuned or {})}
     panels = saliency_panels(models, dataset, [i for members in groups.values() for i in members], layer,
-                             method=method, k=k)
+                             method=method, rule=rule)
     name = (lambda c: class_names[c]) if class_names is not None else str
-    rows = ["image", f"{model_name}\nheatmap", f"{model_name} mask\nheat > mean+{k:g}std", "masked\nimage",
+    rows = ["image", f"{model_name}\nheatmap", f"{model_name} mask\n{make_rule(rule)!r}", "masked\nimage",
             *(f"{tuned}\nheatmap" for tuned in finetuned or {})]
     counts = [len(members) for members in groups.values()]
     has_titles = any(groups)

@@ -47,6 +47,7 @@ from .errors import MaskTuneError
 from .experiments import ExperimentData, RunConfig, _limited, get_experiment, make_config
 from .figures import (accuracy_figure, group_label, method_style, png_bytes, risk_coverage_figure, saliency_grid,
                       training_figure)
+from .masking import make_rule
 from .models import resolve_cam_layer
 from .saliency import saliency_maps
 from .training import first_batch, labels_of, make_loader, model_device
@@ -221,10 +222,11 @@ def _attention_section(out: Path, run_dir: Path, device: str, samples: int, feat
         titles[y, s] = f"{name}\n{len(members):,} training images ({share:.1f}% of class {y})"
     finetuned = {"MaskTune": run.models["masktune"]} if "masktune" in run.models else {}
     figure = saliency_grid(run.models["erm"], run.train, {titles[g]: m[:samples].tolist() for g, m in groups.items()},
-                           config.cam_layer, finetuned=finetuned, method=config.cam_method, k=config.mask_k)
+                           config.cam_layer, finetuned=finetuned, method=config.cam_method,
+                           rule=make_rule(config.mask_rule, config.mask_param))
     rows = [f"{samples} training images from each group (the first in training order). Rows: the image; the "
-            "heatmap of the best ERM checkpoint for its predicted class; the MaskTune mask made from it (heat above "
-            f"mean + {config.mask_k:g} std of the positive heat); the masked image the finetune trains on"]
+            "heatmap of the best ERM checkpoint for its predicted class; the MaskTune mask made from it "
+            f"({make_rule(config.mask_rule, config.mask_param)!r}); the masked image the finetune trains on"]
     if finetuned:
         rows.append("the MaskTune model's heatmap on the original image")
     caption = "; ".join(rows) + ". Under each heatmap: predicted class and its probability (green when right)."

@@ -92,6 +92,19 @@ def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float 
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def continued_sgd(
+    model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, state: dict | None = None
+) -> torch.optim.SGD:
+    """:func:`sgd` continuing an optimizer ``state`` dict (when given), with learning rate ``lr``.
+    ``state`` is copied: loading alone would share its tensors, and training would change them."""
+    optimizer = sgd(model, lr, momentum, weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(copy.deepcopy(state))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return optimizer
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -221,20 +234,19 @@ def finetune(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "finetune",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[dict]:
     """Finetune ``model`` in place on ``train_set`` (e.g. a :class:`~masktune.MaskedDataset`).
 
     MaskTune finetunes the *last* ERM checkpoint for one epoch, continuing its optimizer
     (``optimizer_state``, e.g. ``ERMResult.last.optimizer``) with learning rate ``lr``.
-    Returns the metrics of each epoch.
+    ``optimizer`` (e.g. from :func:`continued_sgd`) is used instead when given, and keeps its state
+    for a later call. Returns the metrics of each epoch.
     """
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
-    optimizer = sgd(model, lr, momentum, weight_decay)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    if optimizer is None:
+        optimizer = continued_sgd(model, lr, momentum, weight_decay, optimizer_state)
     history = []
     for epoch in range(epochs):
         loader = make_loader(train_set, batch_size, shuffle=True, seed=seed * 100_003 + 50_000 + epoch,
