@@ -2,18 +2,22 @@
 
 __version__ = "0.1.0"
 
+from .augment import BatchAugment  # noqa: E402
 from .errors import MaskTuneError  # noqa: E402
 from .evaluation import evaluate, group_metrics, mask_diagnostics  # noqa: E402
 from .masking import MaskedDataset, compute_masks, random_square_masks, threshold_masks  # noqa: E402
-from .models import SmallCNN, resolve_cam_layer  # noqa: E402
+from .models import Normalized, SmallCNN, resnet32, resnet50, resolve_cam_layer  # noqa: E402
 from .saliency import CAM, XGradCAM, saliency_maps  # noqa: E402
+from .selective import selective_classification  # noqa: E402
 from .training import ERMResult, finetune, predict, train_erm  # noqa: E402
 
 __all__ = [
+    "BatchAugment",
     "CAM",
     "ERMResult",
     "MaskTuneError",
     "MaskedDataset",
+    "Normalized",
     "SmallCNN",
     "XGradCAM",
     "compute_masks",
@@ -23,8 +27,11 @@ __all__ = [
     "mask_diagnostics",
     "predict",
     "random_square_masks",
+    "resnet32",
+    "resnet50",
     "resolve_cam_layer",
     "saliency_maps",
+    "selective_classification",
     "threshold_masks",
     "train_erm",
 ]

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any setting, e.g. --set weight_decay=5e-4 --set data.square_size=6")
+    run.add_argument("--no-pretrained", dest="pretrained", action="store_const", const="false",
+                     help="random initialisation instead of pretrained (ImageNet) weights")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         given = {key: value for key, value in vars(args).items()
-                 if value is not None and (key in RUN_FLAGS or key.startswith("data."))}
+                 if value is not None and (key in RUN_FLAGS or key.startswith("data.") or key == "pretrained")}
         overrides = {RUN_FLAGS[k][0] if k in RUN_FLAGS else k: str(v) for k, v in given.items()}
         config = make_config(args.experiment, overrides | parse_overrides(args.set))
         results = run_experiment(config, progress=not args.quiet)
