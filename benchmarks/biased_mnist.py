@@ -1,8 +1,11 @@
 """Biased MNIST over several seeds: accuracy mean +- std per method and test set, stage times, peak memory.
 
-Each seed runs `masktune run biased-mnist` in its own process, so that its peak memory is measured alone.
+Each seed runs `masktune run <experiment>` (default biased-mnist; also biased-fashion-mnist and the
+-selective variants) in its own process, so that its peak memory is measured alone. Runs with
+selective classification (`--set selective=true`) also get the error at each coverage.
 
     python benchmarks/biased_mnist.py --seeds 0 1 2 --epochs 3 --out runs/bench
+    python benchmarks/biased_mnist.py --experiment biased-fashion-mnist --set selective=true
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import time
 from pathlib import Path
 
 
-def run_seed(seed: int, epochs: int, out: Path, extra: list[str]) -> tuple[dict, float, float]:
+def run_seed(experiment: str, seed: int, epochs: int, out: Path, extra: list[str]) -> tuple[dict, float, float]:
     """One run in a child process; returns its results, wall time (s) and peak resident memory (GB)."""
-    command = [sys.executable, "-m", "masktune", "run", "biased-mnist", "--seed", str(seed), "--epochs", str(epochs),
+    command = [sys.executable, "-m", "masktune", "run", experiment, "--seed", str(seed), "--epochs", str(epochs),
                "--out", str(out / f"seed{seed}"), "--quiet", "--no-report", *extra]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
@@ -37,13 +40,15 @@ def mean_std(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experiment", default="biased-mnist")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-biased-mnist"))
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench-<experiment>")
     args, extra = parser.parse_known_args()
-    runs = [run_seed(seed, args.epochs, args.out, extra) for seed in args.seeds]
+    out = args.out or Path(f"runs/bench-{args.experiment}")
+    runs = [run_seed(args.experiment, seed, args.epochs, out, extra) for seed in args.seeds]
     results = [r for r, _, _ in runs]
-    print(f"biased MNIST, {args.epochs} ERM epochs, seeds {args.seeds} (accuracy %, mean +- std)")
+    print(f"{args.experiment}, {args.epochs} ERM epochs, seeds {args.seeds} (accuracy %, mean +- std)")
     for method in results[0]["accuracy"]:
         cells = [f"{test_set} {mean_std([r['accuracy'][method][test_set]['accuracy'] for r in results])}"
                  for test_set in results[0]["accuracy"][method]]
@@ -51,6 +56,17 @@ def main() -> None:
     if "masktune" in results[0]["masking"]:
         for key in ("region_fully_covered_percent", "masked_inside_region_percent", "masked_pixels_per_image"):
             print(f"  masktune masks {key}: {mean_std([r['masking']['masktune'][key] for r in results])}")
+    if "selective" in results[0]:
+        by_test_set = [r.get("selective_by_test_set") or {r["selective"]["erm"]["test_set"]: r["selective"]}
+                       for r in results]
+        for test_set in by_test_set[0]:
+            print(f"selective classification on {test_set}: error % at target coverage (realised coverage %)")
+            for method in by_test_set[0][test_set]:
+                table = [b[test_set][method] for b in by_test_set]
+                cells = [f"{target}%: {mean_std([t['error_at_coverage'][target]['error'] for t in table])} "
+                         f"({statistics.mean(t['error_at_coverage'][target]['coverage'] for t in table):.1f})"
+                         for target in table[0]["error_at_coverage"]]
+                print(f"  {method:9s} " + "  ".join(cells) + f"  AURC {mean_std([t['aurc'] for t in table])}")
     print("stage times (s, mean +- std):")
     for stage in results[0]["timings_s"]:
         print(f"  {stage:18s} {mean_std([r['timings_s'][stage] for r in results])}")

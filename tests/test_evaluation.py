@@ -42,3 +42,66 @@ def test_mask_diagnostics_hand_computed():
     assert result["region_fully_covered_percent"] == pytest.approx(50.0)
     assert result["masked_inside_region_percent"] == pytest.approx(100 * 5 / 6)
     assert set(mask_diagnostics(masks)) == {"masked_percent", "masked_pixels_per_image"}
+
+
+def test_group_metrics_wilds_contract_weighted_average_and_empty_group():
+    from masktune.evaluation import group_counts
+
+    train_labels = torch.tensor([0] * 6 + [1] * 4)
+    train_spurious = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 0])
+    counts = group_counts(train_labels, {"spurious": train_spurious})
+    assert counts == {"y=0,spurious=0": 5, "y=0,spurious=1": 1, "y=1,spurious=0": 1, "y=1,spurious=1": 3}
+    # test set: group (y=1, spurious=0) is empty
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    metadata = {"spurious": torch.tensor([0, 0, 1, 1, 1, 1])}
+    predictions = torch.tensor([0, 1, 0, 0, 1, 0])
+    result = group_metrics(predictions, labels, metadata, train_group_counts=counts)
+    assert result["accuracy"] == pytest.approx(100 * 4 / 6)  # plain test accuracy
+    assert result["groups"] == {"y=0,spurious=0": {"accuracy": 50.0, "count": 2},
+                                "y=0,spurious=1": {"accuracy": 100.0, "count": 2},
+                                "y=1,spurious=1": {"accuracy": 50.0, "count": 2}}
+    assert result["empty_groups"] == ["y=1,spurious=0"]
+    assert result["worst_group_accuracy"] == 50.0
+    assert result["train_weighted_accuracy"] is None  # undefined: a training group has no test samples
+    # with one test sample of (y=1, spurious=0), predicted right: weights 5, 1, 1, 3 of 10 training images
+    complete = group_metrics(torch.cat([predictions, torch.tensor([1])]), torch.cat([labels, torch.tensor([1])]),
+                             {"spurious": torch.cat([metadata["spurious"], torch.tensor([0])])},
+                             train_group_counts=counts)
+    assert complete["empty_groups"] == []
+    assert complete["train_weighted_accuracy"] == pytest.approx((5 * 50 + 1 * 100 + 1 * 100 + 3 * 50) / 10)
+    assert group_metrics(predictions, labels, {})["accuracy"] == result["accuracy"]
+    assert "groups" not in group_metrics(predictions, labels, {})
+
+
+def test_group_names_sort_numerically_for_many_classes_and_attribute_values():
+    labels = torch.tensor([10, 2, 2, 10])
+    result = group_metrics(labels.clone(), labels, {"spurious": torch.tensor([3, 0, 12, 3])})
+    assert list(result["groups"]) == ["y=2,spurious=0", "y=2,spurious=12", "y=10,spurious=3"]
+    assert result["groups"]["y=10,spurious=3"] == {"accuracy": 100.0, "count": 2}
+
+
+def test_bg_gap():
+    from masktune.evaluation import bg_gap
+
+    metrics = {"original": {"accuracy": 95.0}, "mixed_same": {"accuracy": 90.5}, "mixed_rand": {"accuracy": 80.25}}
+    assert bg_gap(metrics) == {"bg_gap": pytest.approx(10.25)}
+
+
+def test_evaluate_uses_dataset_metadata_and_training_groups():
+    from torch import nn
+
+    from masktune import evaluate
+    from masktune.data import ImageDataset
+
+    images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    images[2:] = 255
+    dataset = ImageDataset(images, torch.tensor([0, 1, 1, 1]), {"spurious": torch.tensor([0, 0, 1, 1])})
+
+    class Bright(nn.Module):  # predicts 1 for bright images
+        def forward(self, x):
+            return torch.stack([0.5 - x.mean((1, 2, 3)), x.mean((1, 2, 3)) - 0.5], 1)
+
+    result = evaluate(Bright(), {"t": dataset}, train_group_counts={"y=0,spurious=0": 1, "y=1,spurious=0": 3,
+                                                                     "y=1,spurious=1": 1})["t"]
+    assert result["groups"]["y=1,spurious=0"] == {"accuracy": 0.0, "count": 1}
+    assert result["train_weighted_accuracy"] == pytest.approx((1 * 100 + 3 * 0 + 1 * 100) / 5)

@@ -13,7 +13,7 @@ from masktune.data import ImageDataset
 from masktune.errors import MaskTuneError
 from masktune.masking import fold_batchnorm
 from masktune.saliency import saliency_maps
-from masktune.training import continued_sgd, finetune
+from masktune.training import continued_optimizer, finetune
 
 
 def test_rule_hand_computed():
@@ -280,7 +280,7 @@ def test_iterative_masktune_remasks_with_the_finetuned_model(accumulate):
                                optimizer_state=erm.last.optimizer, **args)
 
     reference = copy.deepcopy(model)  # the same steps, spelled out
-    optimizer = continued_sgd(reference, 0.05, state=erm.last.optimizer)
+    optimizer = continued_optimizer("sgd", reference, 0.05, state=erm.last.optimizer)
     masks = first
     for iteration in range(3):
         if iteration:

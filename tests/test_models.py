@@ -44,3 +44,59 @@ def test_bad_layer_names_list_candidates():
         resolve_cam_layer(model, nn.ReLU(), x)
     with pytest.raises(LayerError, match="no layer with a spatial"):
         resolve_cam_layer(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), None, torch.rand(1, 3, 2, 2))
+
+
+def test_cifar_resnet32_size_shapes_and_cam_layer():
+    from masktune.models import CifarResNet, resnet32
+
+    model = resnet32(10)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 0.46  # He et al. 2016, table 6
+    for size, cells in ((32, 8), (64, 16)):
+        x = torch.rand(2, 3, size, size)
+        assert model(x).shape == (2, 10)
+        name, layer = resolve_cam_layer(model, None, x)
+        assert name == "layer3.4"
+        shapes = []
+        handle = layer.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)) and None)
+        model(x)
+        handle.remove()
+        assert shapes == [(2, 64, cells, cells)]
+    assert CifarResNet(2, depth=8).cam_layer == "layer3.0"
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        CifarResNet(2, depth=30)
+
+
+def test_normalized_wrapper_feeds_the_model_normalised_pixels():
+    from masktune.models import Normalized
+
+    inner = nn.Conv2d(3, 2, 1)
+    model = Normalized(inner, (0.5, 0.25, 0.0), (2.0, 1.0, 0.5))
+    x = torch.rand(2, 3, 4, 4)
+    reference = inner((x - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor([2.0, 1.0, 0.5]).view(1, 3, 1, 1))
+    assert torch.allclose(model(x), reference)
+    assert set(model.state_dict()) == {"model.weight", "model.bias"}  # the statistics are not weights
+
+
+def test_resnet50_without_pretrained_weights_and_its_cam_layer():
+    from masktune.models import Normalized, resnet50
+
+    torch.manual_seed(0)
+    model = resnet50(3, pretrained=False)
+    assert isinstance(model, Normalized) and model.model.fc.out_features == 3
+    x = torch.rand(1, 3, 64, 64)  # layer4 is 2 x 2 here (1 x 1, no CAM, below 64 px)
+    assert model.eval()(x).shape == (1, 3)
+    assert resolve_cam_layer(model, None, x)[0] == "model.layer4.2"
+
+
+def test_unloadable_resnet50_weights_explain_where_to_put_them(tmp_path, monkeypatch):
+    from masktune.models import WeightsError, resnet50
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet50-0676ba61.pth").write_bytes(b"not a checkpoint")  # a broken download
+    with pytest.raises(WeightsError) as error:
+        resnet50(2, pretrained=True)
+    message = str(error.value)
+    assert "https://download.pytorch.org/models/resnet50-0676ba61.pth" in message
+    assert str(checkpoints / "resnet50-0676ba61.pth") in message and "--no-pretrained" in message

@@ -85,3 +85,18 @@ def test_predict_returns_logits_in_dataset_order_and_restores_mode():
     assert model.training
     model.eval()
     assert torch.allclose(logits, model(data.images), atol=1e-6)
+
+
+def test_augment_transforms_every_training_batch_and_adam_is_available():
+    batches = []
+
+    def mirror(images):
+        batches.append(images.shape[0])
+        return images.flip(-1)  # swaps which half is bright: the labels become the opposite rule
+
+    model = tiny_model()
+    train = Bright(64)
+    train_erm(model, train, epochs=3, lr=0.01, batch_size=16, progress=False, augment=mirror, optimizer="adam")
+    assert batches == [16] * 12  # every batch of every epoch
+    # the model learnt the mirrored rule, so it is wrong on the unmirrored images
+    assert (predict(model, train).argmax(1) == train.labels).float().mean() < 0.2

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .augment import BatchAugment  # noqa: E402
 from .errors import MaskTuneError  # noqa: E402
 from .evaluation import evaluate, group_metrics, mask_diagnostics  # noqa: E402
 from .masking import (  # noqa: E402
@@ -15,7 +16,7 @@ from .masking import (  # noqa: E402
     threshold_masks,
 )
 from .masksets import MaskSet, model_fingerprint  # noqa: E402
-from .models import SmallCNN, resolve_cam_layer  # noqa: E402
+from .models import Normalized, SmallCNN, resnet32, resnet50, resolve_cam_layer  # noqa: E402
 from .saliency import (  # noqa: E402
     CAM,
     GradCAM,
@@ -26,9 +27,11 @@ from .saliency import (  # noqa: E402
     XGradCAM,
     saliency_maps,
 )
+from .selective import selective_classification  # noqa: E402
 from .training import ERMResult, finetune, predict, train_erm  # noqa: E402
 
 __all__ = [
+    "BatchAugment",
     "CAM",
     "ERMResult",
     "GradCAM",
@@ -41,6 +44,7 @@ __all__ = [
     "MaskTuneError",
     "MaskTuneResult",
     "MaskedDataset",
+    "Normalized",
     "SmallCNN",
     "XGradCAM",
     "compute_masks",
@@ -53,8 +57,11 @@ __all__ = [
     "model_fingerprint",
     "predict",
     "random_square_masks",
+    "resnet32",
+    "resnet50",
     "resolve_cam_layer",
     "saliency_maps",
+    "selective_classification",
     "threshold_masks",
     "train_erm",
 ]

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tensorboard", action="store_true",
                      help="also log per-epoch metrics for TensorBoard (needs pip install 'masktune[tensorboard]')")
     run.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
+    run.add_argument("--no-pretrained", dest="pretrained", action="store_const", const="false",
+                     help="random initialisation instead of pretrained (ImageNet) weights")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     report = commands.add_parser("report", help="write the HTML report (heatmaps, masks, accuracy, curves) of a run")
     report.add_argument("run_dir", help="a run directory, or a directory of run directories (one per seed)")
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(args.run_dir, device=args.device, samples_per_group=args.samples)}")
             return 0
         given = {key: value for key, value in vars(args).items()
-                 if value is not None and (key in RUN_FLAGS or key.startswith("data."))}
+                 if value is not None and (key in RUN_FLAGS or key.startswith("data.") or key == "pretrained")}
         overrides = {RUN_FLAGS[k][0] if k in RUN_FLAGS else k: str(v) for k, v in given.items()}
         overrides |= {flag: "true" for flag in ("tensorboard", "accumulate") if getattr(args, flag)}
         config = make_config(args.experiment, overrides | parse_overrides(args.set))

@@ -440,7 +440,9 @@ def _paint(gray: Tensor, flags: Tensor, second: Tensor | None, config: BiasedMNI
     return rgb
 
 
-def make_biased_mnist(arrays: MNISTArrays, config: BiasedMNISTConfig = BiasedMNISTConfig()) -> BiasedMNIST:
+def make_biased_mnist(
+    arrays: MNISTArrays, config: BiasedMNISTConfig = BiasedMNISTConfig(), *, name: str = "biased-mnist"
+) -> BiasedMNIST:
     """Build biased MNIST: binary labels (digit >= 5), a spurious feature correlated with class 0.
 
     A seeded split holds out `val_size` training images for validation. Class 0 carries the
@@ -449,6 +451,8 @@ def make_biased_mnist(arrays: MNISTArrays, config: BiasedMNISTConfig = BiasedMNI
     class-0 image; `test_original` never. With `n_squares=2` a second, top-right square in
     `second_colour` sits on the same images as the first (as in the authors' code). "background"
     colours the zero pixels, "foreground" the non-zero (stroke) pixels of the flagged images.
+    Any MNIST-format dataset works (e.g. Fashion-MNIST: classes 0-4 vs 5-9); `name` prefixes the
+    split names.
     """
     _validate(config, len(arrays.train_labels))
     generator = torch.Generator().manual_seed(config.seed)
@@ -466,7 +470,7 @@ def make_biased_mnist(arrays: MNISTArrays, config: BiasedMNISTConfig = BiasedMNI
     def build(split: str, gray: Tensor, digits: Tensor, flags: Tensor, second: Tensor | None) -> ImageDataset:
         metadata = {"spurious": flags, "digit": digits}
         labels = (digits >= 5).long()
-        return ImageDataset(_paint(gray, flags, second, config), labels, metadata, f"biased-mnist/{split}")
+        return ImageDataset(_paint(gray, flags, second, config), labels, metadata, f"{name}/{split}")
 
     authors_flags = _authors_flags(train_digits, config.conflicting_ratio) if config.selection == "authors" else None
 

@@ -1,4 +1,4 @@
-"""Metrics: accuracy overall and per group, and how well the masks hit the spurious feature."""
+"""Metrics: accuracy overall and per group (WILDS-style), BG-gap, and how well the masks hit the spurious feature."""
 
 from __future__ import annotations
 
@@ -11,42 +11,90 @@ from torch.utils.data import Dataset
 from .training import labels_of, predict
 
 
-def group_metrics(predictions: torch.Tensor, labels: torch.Tensor, spurious: torch.Tensor | None = None) -> dict:
-    """Accuracy (%) overall and per group (label x spurious flag), with counts.
+def _spurious(metadata: Mapping[str, torch.Tensor] | torch.Tensor | None) -> torch.Tensor | None:
+    if metadata is None or isinstance(metadata, torch.Tensor):
+        return metadata
+    return metadata.get("spurious")
 
-    ``predictions`` and ``labels`` are class indices [N]; ``spurious`` a bool flag [N] per sample
-    (e.g. "carries the square"). Groups without samples are left out; the worst-group accuracy is
-    the minimum over the groups present.
+
+def _groups(labels: torch.Tensor, spurious: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """Names of the groups (label, spurious value) present, in sorted order, and each sample's group."""
+    pairs, inverse = torch.unique(torch.stack([labels.long(), spurious.long()], 1), dim=0, return_inverse=True)
+    return [f"y={y},spurious={s}" for y, s in pairs.tolist()], inverse
+
+
+def _group_order(name: str) -> tuple[int, ...]:
+    return tuple(int(part.split("=")[1]) for part in name.split(","))
+
+
+def group_counts(labels: torch.Tensor, metadata: Mapping[str, torch.Tensor] | torch.Tensor | None) -> dict[str, int]:
+    """Samples per group (label x ``metadata["spurious"]``), e.g. of the training set; {} without groups."""
+    spurious = _spurious(metadata)
+    if spurious is None:
+        return {}
+    names, inverse = _groups(labels, spurious)
+    return dict(zip(names, torch.bincount(inverse, minlength=len(names)).tolist()))
+
+
+def group_metrics(
+    predictions: torch.Tensor, labels: torch.Tensor, metadata: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+    *, train_group_counts: Mapping[str, int] | None = None,
+) -> dict:
+    """Metrics of predictions against labels, WILDS-style (``eval(y_pred, y_true, metadata)``); accuracies in %.
+
+    ``predictions`` and ``labels`` are class indices [N]; ``metadata`` holds per-sample tensors, of
+    which ``"spurious"`` (or a tensor given directly) defines the groups as (label, spurious value).
+    Returns ``accuracy`` (plain test accuracy, what the authors' code prints) and ``count``; with
+    groups also ``groups`` (accuracy and count of each group with test samples) and
+    ``worst_group_accuracy`` (their minimum). With ``train_group_counts`` (see :func:`group_counts`),
+    ``empty_groups`` lists the training groups without test samples, and ``train_weighted_accuracy``
+    is the average of the group accuracies weighted by the training group proportions (the GroupDRO /
+    JTT / DFR / WILDS convention); it is None when a training group has no test samples (its
+    accuracy, and so the average, is undefined).
     """
-    correct = (predictions == labels).float()
-    result: dict = {"accuracy": 100.0 * correct.mean().item(), "count": len(labels)}
+    correct = predictions == labels
+    result: dict = {"accuracy": 100.0 * correct.double().mean().item(), "count": len(labels)}
+    spurious = _spurious(metadata)
     if spurious is None:
         return result
-    groups = {}
-    for y in labels.unique().tolist():
-        for s in (0, 1):
-            members = (labels == y) & (spurious.long() == s)
-            if members.any():
-                groups[f"y={y},spurious={s}"] = {
-                    "accuracy": 100.0 * correct[members].mean().item(),
-                    "count": int(members.sum()),
-                }
-    result["groups"] = groups
-    result["worst_group_accuracy"] = min(g["accuracy"] for g in groups.values())
+    names, inverse = _groups(labels, spurious)
+    counts = torch.bincount(inverse, minlength=len(names)).tolist()
+    hits = torch.bincount(inverse, weights=correct.double(), minlength=len(names)).tolist()
+    result["groups"] = {name: {"accuracy": 100.0 * h / n, "count": n} for name, h, n in zip(names, hits, counts)}
+    present = {name: g["accuracy"] for name, g in result["groups"].items()}
+    result["worst_group_accuracy"] = min(present.values()) if present else None
+    if train_group_counts is not None:
+        result["empty_groups"] = sorted(set(train_group_counts) - set(present), key=_group_order)
+        total = sum(train_group_counts.get(name, 0) for name in present)
+        result["train_weighted_accuracy"] = (
+            sum(acc * train_group_counts.get(name, 0) for name, acc in present.items()) / total
+            if total and not result["empty_groups"] else None)
     return result
+
+
+def evaluate_logits(
+    logits: Mapping[str, torch.Tensor], datasets: Mapping[str, Dataset], *,
+    train_group_counts: Mapping[str, int] | None = None,
+) -> dict[str, dict]:
+    """:func:`group_metrics` of the predictions ``logits[name].argmax(1)`` on each named dataset."""
+    return {name: group_metrics(logits[name].argmax(1), labels_of(dataset), getattr(dataset, "metadata", None),
+                                train_group_counts=train_group_counts)
+            for name, dataset in datasets.items()}
 
 
 def evaluate(
     model: nn.Module, datasets: Mapping[str, Dataset], *, device: torch.device | str | None = None,
-    batch_size: int = 512,
+    batch_size: int = 512, train_group_counts: Mapping[str, int] | None = None,
 ) -> dict[str, dict]:
     """:func:`group_metrics` of ``model`` on each named dataset (groups from ``metadata["spurious"]``)."""
-    results = {}
-    for name, dataset in datasets.items():
-        predictions = predict(model, dataset, device=device, batch_size=batch_size).argmax(1)
-        spurious = getattr(dataset, "metadata", {}).get("spurious")
-        results[name] = group_metrics(predictions, labels_of(dataset), spurious)
-    return results
+    logits = {name: predict(model, dataset, device=device, batch_size=batch_size) for name, dataset in datasets.items()}
+    return evaluate_logits(logits, datasets, train_group_counts=train_group_counts)
+
+
+def bg_gap(metrics: Mapping[str, dict]) -> dict[str, float]:
+    """The Background Challenge's BG-gap: accuracy on ``mixed_same`` minus accuracy on ``mixed_rand``
+    (how much the accuracy depends on the background carrying class information)."""
+    return {"bg_gap": metrics["mixed_same"]["accuracy"] - metrics["mixed_rand"]["accuracy"]}
 
 
 def mask_diagnostics(masks: torch.Tensor, spurious: torch.Tensor | None = None,

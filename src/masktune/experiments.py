@@ -22,15 +22,15 @@ from torch.utils.data import Dataset
 
 from . import __version__
 from ._io import save_torch, write_json
-from .data import BiasedMNISTConfig, load_mnist, make_biased_mnist
 from .errors import MaskTuneError
-from .evaluation import evaluate, mask_diagnostics
+from .evaluation import evaluate_logits, group_counts, mask_diagnostics
 from .masking import compute_masks, make_rule, masktune_finetune, random_square_masks
 from .masksets import MaskSet
-from .models import SmallCNN, resolve_cam_layer
+from .models import resolve_cam_layer
 from .runlog import MetricsLog
 from .saliency import get_method
-from .training import train_erm
+from .selective import COVERAGES, selective_classification
+from .training import OPTIMIZERS, labels_of, predict, train_erm
 
 METHODS = ("erm", "randmask", "masktune")
 
@@ -42,7 +42,9 @@ class ConfigError(MaskTuneError, ValueError):
 @dataclass
 class RunConfig:
     """Every setting of a run. An experiment's ``defaults`` replace these defaults; ``data`` holds
-    the options of the experiment's data builder."""
+    the options of the experiment's data builder. ``pretrained`` loads pretrained weights where the
+    experiment's model has them; ``selective`` adds selective classification (ERM alone and the
+    MaskTune rule) at ``coverages`` (%) on the test set ``selective_test`` (default: the first)."""
 
     experiment: str = "biased-mnist"
     seed: int = 0
@@ -66,6 +68,11 @@ class RunConfig:
     weight_decay: float = 1e-4
     num_workers: int = 0
     tensorboard: bool = False
+    optimizer: str = "sgd"
+    pretrained: bool = True
+    selective: bool = False
+    coverages: tuple[float, ...] = COVERAGES
+    selective_test: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -86,6 +93,13 @@ class RunConfig:
             raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
         make_rule(self.mask_rule, self.mask_param)
         get_method(self.cam_method)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.selective and not {"erm", "masktune"} <= set(self.methods):
+            raise ConfigError("selective classification compares ERM with the MaskTune rule: methods must include "
+                              "erm and masktune")
+        if not self.coverages or not all(0 < c <= 100 for c in self.coverages):
+            raise ConfigError(f"coverages are percentages in (0, 100], got {self.coverages}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} is not available (no CUDA GPU visible); use --device cpu")
 
@@ -93,18 +107,21 @@ class RunConfig:
 @dataclass
 class ExperimentData:
     """What an experiment trains and tests on. Datasets yield ``(raw image [C, H, W], label)``; a
-    ``metadata["spurious"]`` flag per sample, where present, defines the groups."""
+    ``metadata["spurious"]`` value per sample, where present, defines the groups. ``augment``
+    transforms each training batch (after masking), e.g. a :class:`~masktune.augment.BatchAugment`."""
 
     train: Dataset
     val: Dataset | None
     tests: dict[str, Dataset]
     num_classes: int
     feature_region: torch.Tensor | None = None
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """A named, versioned experiment: data, model and the authors' hyperparameters."""
+    """A named, versioned experiment: data, model and the authors' hyperparameters. ``summarize``
+    derives extra figures of a method from its metrics per test set (e.g. the BG-gap)."""
 
     name: str
     version: int
@@ -113,6 +130,7 @@ class Experiment:
     build_model: Callable[[RunConfig, int], nn.Module]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     data_options: Mapping[str, Any] = field(default_factory=dict)
+    summarize: Callable[[Mapping[str, dict]], dict] | None = None
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -224,6 +242,33 @@ def _limited(dataset: Dataset, limit: int | None) -> Dataset:
     return subset(limit) if subset is not None else torch.utils.data.Subset(dataset, range(limit))
 
 
+def _evaluation(spec: Experiment, config: RunConfig, models: dict[str, nn.Module], val: Dataset | None,
+                tests: dict[str, Dataset], full_train: Dataset) -> tuple[dict, dict]:
+    """Metrics of each method on each test set (groups weighted by the training set's proportions),
+    the experiment's summary figures and, when asked, selective classification."""
+    train_metadata = getattr(full_train, "metadata", {})
+    train_groups = group_counts(labels_of(full_train), train_metadata) if "spurious" in train_metadata else {}
+    evaluated = [method for method in METHODS if method in config.methods]
+    logits = {method: {name: predict(models[method], dataset, device=config.device, num_workers=config.num_workers)
+                       for name, dataset in tests.items()} for method in evaluated}
+    accuracies = {method: evaluate_logits(logits[method], tests, train_group_counts=train_groups or None)
+                  for method in evaluated}
+    extra: dict[str, Any] = {"train_group_counts": train_groups}
+    if spec.summarize is not None:
+        extra["summary"] = {method: spec.summarize(accuracies[method]) for method in evaluated}
+    if config.selective:
+        val_logits = {m: predict(models[m], val, device=config.device, num_workers=config.num_workers)
+                      for m in ("erm", "masktune")}
+        by_test_set = {name: selective_classification(val_logits["erm"], val_logits["masktune"], logits["erm"][name],
+                                                      logits["masktune"][name], labels_of(dataset), config.coverages)
+                       for name, dataset in tests.items()}
+        chosen = config.selective_test or next(iter(tests))
+        extra["selective"] = {method: {"test_set": chosen, **r} for method, r in by_test_set[chosen].items()}
+        if len(tests) > 1:
+            extra["selective_by_test_set"] = by_test_set
+    return accuracies, extra
+
+
 def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
     """Run ERM and the chosen finetunes of ``config``'s experiment; write checkpoints and results.
 
@@ -242,8 +287,12 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
         train = _limited(data.train, config.limit)
         val = _limited(data.val, config.limit) if data.val is not None else None
         tests = {name: _limited(dataset, config.limit) for name, dataset in data.tests.items()}
+    if config.selective and (val is None or (config.selective_test or next(iter(tests), None)) not in tests):
+        raise ConfigError(f"selective classification needs a validation set and a test set named by selective_test "
+                          f"(one of {', '.join(tests)}), got {config.selective_test!r}")
     train_args = dict(momentum=config.momentum, weight_decay=config.weight_decay, batch_size=config.batch_size,
-                      seed=config.seed, device=config.device, num_workers=config.num_workers, progress=progress)
+                      seed=config.seed, device=config.device, num_workers=config.num_workers, progress=progress,
+                      optimizer=config.optimizer, augment=data.augment)
 
     def new_model() -> nn.Module:
         return spec.build_model(config, data.num_classes)
@@ -298,8 +347,7 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
             diagnostics[key] = mask_diagnostics(masks.unpack(), spurious, data.feature_region)
 
     with timer("evaluation"):
-        accuracies = {method: evaluate(models[method], tests, device=config.device)
-                      for method in METHODS if method in config.methods}
+        accuracies, extra = _evaluation(spec, config, models, val, tests, data.train)
     timer.seconds["total"] = round(time.perf_counter() - started, 3)
     log.close()
     config_dict = asdict(config)
@@ -310,6 +358,7 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
         "sizes": {"train": len(train), "val": len(val) if val is not None else 0,
                   **{k: len(v) for k, v in tests.items()}},
         "accuracy": accuracies,
+        **extra,
         "masking": diagnostics,
         "erm_best_epoch": erm.best.epoch,
         "history": erm.history,
@@ -319,18 +368,5 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
     return results
 
 
-def _biased_mnist_data(config: RunConfig) -> ExperimentData:
-    data = make_biased_mnist(load_mnist(config.data_dir), BiasedMNISTConfig(**config.data, seed=config.seed))
-    return ExperimentData(data.train, data.val, {"original": data.test_original, "biased": data.test_biased},
-                          num_classes=2, feature_region=data.feature_region)
-
-
-register(Experiment(
-    name="biased-mnist",
-    version=1,
-    description="MNIST, digits 0-4 vs 5-9, a coloured square on 99% of class 0 (SPEC.md section 2)",
-    build_data=_biased_mnist_data,
-    build_model=lambda config, num_classes: SmallCNN(num_classes),
-    defaults={"epochs": 3, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128},
-    data_options={f.name: f.default for f in dataclasses.fields(BiasedMNISTConfig) if f.name != "seed"},
-))
+# The registered experiments live in configs.py, which imports this module: import it last.
+from . import configs  # noqa: E402,F401

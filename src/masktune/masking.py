@@ -21,7 +21,7 @@ from .errors import MaskTuneError
 from .masksets import MaskSet, MaskSetError, model_fingerprint, pack_bits
 from .models import eval_mode, resolve_cam_layer
 from .saliency import CAM, get_method, saliency_maps
-from .training import continued_sgd, finetune, first_batch, make_loader, model_device
+from .training import continued_optimizer, finetune, first_batch, make_loader, model_device
 
 GEOMETRIES = ("aligned", "authors")
 
@@ -296,6 +296,7 @@ def masktune_finetune(
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     transform: Any = None,
     geometry: str = "aligned",
+    optimizer: str = "sgd",
     optimizer_state: dict | None = None,
     lr: float = 0.01,
     momentum: float = 0.9,
@@ -306,7 +307,8 @@ def masktune_finetune(
     """MaskTune's finetuning, optionally iterated (SPEC.md section 1, steps 4 and 5), on ``model`` in place.
 
     Iteration 1 finetunes one epoch on ``train_set`` with ``masks`` applied (:class:`MaskedDataset`
-    with ``transform`` and ``geometry``), continuing ``optimizer_state`` with learning rate ``lr``.
+    with ``transform`` and ``geometry``), continuing ``optimizer_state`` (of the ``optimizer``
+    named, ``"sgd"`` or ``"adam"``) with learning rate ``lr``.
     Each later iteration re-masks with the finetuned model (:func:`compute_masks` on ``mask_view``,
     default ``train_set``, with ``layer``, ``method``, ``rule`` and ``preprocess``) and finetunes one
     more epoch with the same optimizer. With ``accumulate`` the saliency is computed on the images
@@ -318,7 +320,7 @@ def masktune_finetune(
         raise MaskTuneError(f"iterations must be at least 1, got {iterations}")
     if finetune_args.get("device") is not None:
         model.to(finetune_args["device"])  # before the optimizer loads its state onto the parameters' device
-    optimizer = continued_sgd(model, lr, momentum, weight_decay, optimizer_state)
+    optimizer = continued_optimizer(optimizer, model, lr, momentum, weight_decay, optimizer_state)
     mask_args = {key: finetune_args[key] for key in ("num_workers", "progress") if key in finetune_args}
     mask_view = train_set if mask_view is None else mask_view
     result = MaskTuneResult()

@@ -7,9 +7,10 @@ name (as in ``model.named_modules()``), or found automatically.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import MaskTuneError
@@ -17,8 +18,16 @@ from .errors import MaskTuneError
 _POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class LayerError(MaskTuneError, ValueError):
     """The CAM layer named by the user does not exist or has no spatial output."""
+
+
+class WeightsError(MaskTuneError, RuntimeError):
+    """Pretrained weights cannot be loaded; the message says where to put them or how to go without."""
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -46,6 +55,109 @@ class SmallCNN(nn.Module):
         x = self.pool1(self.block2(self.block1(x)))
         x = self.pool2(self.block4(self.block3(x)))
         return self.classifier(x)
+
+
+class Normalized(nn.Module):
+    """``model`` behind a fixed per-channel normalisation ``(x - mean) / std``.
+
+    It takes raw images in [0, 1], so masks (which zero raw pixels) and augmentations act before the
+    normalisation, as in the authors' pipelines. The CAM layer is ``model.<cam_layer>``.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 cam_layer: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        inner = cam_layer or getattr(model, "cam_layer", None)
+        if inner is not None:
+            self.cam_layer = f"model.{inner}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def resnet50(num_classes: int, *, pretrained: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
+             std: Sequence[float] = IMAGENET_STD) -> Normalized:
+    """torchvision's ResNet-50 with a new ``num_classes`` head, behind ImageNet normalisation.
+
+    ``pretrained`` loads torchvision's ImageNet weights (``IMAGENET1K_V1``) from the torch hub cache,
+    downloading them when they are not there; failing that, :class:`WeightsError` says where to put
+    the file. CAM layer: the last bottleneck block of ``layer4`` (``model.layer4.2``).
+    """
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models import resnet50 as torchvision_resnet50
+
+    net = torchvision_resnet50()
+    if pretrained:
+        weights = ResNet50_Weights.IMAGENET1K_V1
+        try:
+            net.load_state_dict(weights.get_state_dict(progress=False, check_hash=True))
+        # Network, disk and format failures all mean the same to the user: the weights are not usable.
+        except Exception as exc:
+            target = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
+            raise WeightsError(
+                f"cannot load the ImageNet weights of ResNet-50 ({' '.join(str(exc).split())[:300]}). Download "
+                f"{weights.url} to {target} (or set TORCH_HOME to a folder whose hub/checkpoints holds it), "
+                "or train from random initialisation with --no-pretrained (--set pretrained=false)"
+            ) from exc
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return Normalized(net, mean, std, cam_layer="layer4.2")
+
+
+class BasicBlock(nn.Module):
+    """The CIFAR ResNet block: two 3x3 convolutions; the shortcut subsamples and zero-pads channels
+    when the shape changes (He et al. 2016, option A)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride = stride
+        self.pad = cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        shortcut = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of depth 6n + 2 (16, 32, 64 channels; He et al. 2016); ``depth=32`` is ResNet-32.
+
+    Takes raw [0, 1] images of any size (global average pooling); CAM layer: the last block of
+    ``layer3``. Convolutions and the head use Kaiming-normal initialisation.
+    """
+
+    def __init__(self, num_classes: int = 10, depth: int = 32) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(*(BasicBlock(16, 16) for _ in range(n)))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, 2), *(BasicBlock(32, 32) for _ in range(n - 1)))
+        self.layer3 = nn.Sequential(BasicBlock(32, 64, 2), *(BasicBlock(64, 64) for _ in range(n - 1)))
+        self.fc = nn.Linear(64, num_classes)
+        self.cam_layer = f"layer3.{n - 1}"
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def resnet32(num_classes: int = 10) -> CifarResNet:
+    """ResNet-32 for 32 x 32 (CIFAR-10, SVHN) and 64 x 64 (Cats vs Dogs) images, CAM layer ``layer3.4``."""
+    return CifarResNet(num_classes, depth=32)
 
 
 @contextmanager

@@ -92,12 +92,26 @@ def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float 
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def continued_sgd(
-    model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, state: dict | None = None
-) -> torch.optim.SGD:
-    """:func:`sgd` continuing an optimizer ``state`` dict (when given), with learning rate ``lr``.
-    ``state`` is copied: loading alone would share its tensors, and training would change them."""
-    optimizer = sgd(model, lr, momentum, weight_decay)
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 1e-4) -> torch.optim.Optimizer:
+    """``"sgd"`` (:func:`sgd`) or ``"adam"`` (Adam with ``weight_decay``; ``momentum`` unused), as the authors."""
+    if name == "sgd":
+        return sgd(model, lr, momentum, weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise MaskTuneError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def continued_optimizer(
+    name: str, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+    state: dict | None = None,
+) -> torch.optim.Optimizer:
+    """:func:`make_optimizer` continuing an optimizer ``state`` dict (when given), with learning rate
+    ``lr``. ``state`` is copied: loading alone would share its tensors, and training would change them."""
+    optimizer = make_optimizer(name, model, lr, momentum, weight_decay)
     if state is not None:
         optimizer.load_state_dict(copy.deepcopy(state))
         for group in optimizer.param_groups:
@@ -112,8 +126,12 @@ def train_epoch(
     device: torch.device,
     desc: str = "train",
     progress: bool = True,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass of cross-entropy training; returns the mean loss and accuracy (%) over the epoch."""
+    """One pass of cross-entropy training; returns the mean loss and accuracy (%) over the epoch.
+
+    ``augment``, when given, transforms each batch of images on ``device`` before the forward pass.
+    """
     model.train()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -121,6 +139,8 @@ def train_epoch(
     for images, labels, *_ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
         labels = torch.as_tensor(labels).to(device, non_blocking=True)
+        if augment is not None:
+            images = augment(images)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -183,16 +203,19 @@ def train_erm(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    optimizer: str = "sgd",
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ERMResult:
     """Train ``model`` by ordinary ERM (the authors' SGD defaults) and keep the best and last checkpoints.
 
     "Best" is by plain validation accuracy (the last epoch when no ``val_set`` is given). With
     ``checkpoint_dir``, ``erm_best.pt`` and ``erm_last.pt`` are written there atomically each epoch.
-    ``on_epoch`` receives each epoch's metrics.
+    ``on_epoch`` receives each epoch's metrics. ``optimizer`` is ``"sgd"`` or ``"adam"``
+    (:func:`make_optimizer`); ``augment`` transforms each training batch (see :func:`train_epoch`).
     """
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
-    optimizer = sgd(model, lr, momentum, weight_decay)
+    optimizer = make_optimizer(optimizer, model, lr, momentum, weight_decay)
     result: ERMResult | None = None
     history: list[dict] = []
     bar = tqdm(range(epochs), desc="ERM", unit="epoch", disable=not progress)
@@ -200,7 +223,7 @@ def train_erm(
         loader = make_loader(train_set, batch_size, shuffle=True, seed=seed * 100_003 + epoch,
                              num_workers=num_workers, device=device)
         metrics = {"stage": "erm", "epoch": epoch + 1, **train_epoch(model, loader, optimizer, device,
-                                                                      f"ERM epoch {epoch + 1}", progress)}
+                                                                      f"ERM epoch {epoch + 1}", progress, augment)}
         if val_set is not None:
             metrics["val_accuracy"] = accuracy(predict(model, val_set, device=device), labels_of(val_set))
         last = Checkpoint(snapshot(model), snapshot(optimizer), epoch + 1, metrics.get("val_accuracy"))
@@ -234,23 +257,26 @@ def finetune(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "finetune",
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: str | torch.optim.Optimizer = "sgd",
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Finetune ``model`` in place on ``train_set`` (e.g. a :class:`~masktune.MaskedDataset`).
 
     MaskTune finetunes the *last* ERM checkpoint for one epoch, continuing its optimizer
     (``optimizer_state``, e.g. ``ERMResult.last.optimizer``) with learning rate ``lr``.
-    ``optimizer`` (e.g. from :func:`continued_sgd`) is used instead when given, and keeps its state
-    for a later call. Returns the metrics of each epoch.
+    ``optimizer`` names the optimizer the state belongs to (``"sgd"`` or ``"adam"``), or is an
+    optimizer to use as it is (it keeps its state for a later call); ``augment`` transforms each
+    batch after masking. Returns the metrics of each epoch.
     """
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
-    if optimizer is None:
-        optimizer = continued_sgd(model, lr, momentum, weight_decay, optimizer_state)
+    if isinstance(optimizer, str):
+        optimizer = continued_optimizer(optimizer, model, lr, momentum, weight_decay, optimizer_state)
     history = []
     for epoch in range(epochs):
         loader = make_loader(train_set, batch_size, shuffle=True, seed=seed * 100_003 + 50_000 + epoch,
                              num_workers=num_workers, device=device)
         history.append({"stage": desc, "epoch": epoch + 1,
-                        **train_epoch(model, loader, optimizer, device, f"{desc} epoch {epoch + 1}", progress)})
+                        **train_epoch(model, loader, optimizer, device, f"{desc} epoch {epoch + 1}", progress,
+                                     augment)})
     return history
