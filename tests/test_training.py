@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -65,6 +67,18 @@ def test_finetune_continues_the_optimizer_with_the_given_lr():
         finetune(model, train, optimizer_state=state, lr=0.05, batch_size=32, progress=False)
     # the momentum buffers of the ERM optimizer change the first steps
     assert not torch.equal(with_state[0].weight, fresh[0].weight)
+
+
+def test_finetune_leaves_the_given_optimizer_state_untouched():
+    train = Bright(64)
+    erm = train_erm(tiny_model(), train, epochs=1, lr=0.05, batch_size=16, progress=False)
+    before = copy.deepcopy(erm.last.optimizer)
+    model = tiny_model()
+    model.load_state_dict(erm.last.model)
+    finetune(model, train, optimizer_state=erm.last.optimizer, lr=0.05, batch_size=16, progress=False)
+    buffers = [(before["state"][i]["momentum_buffer"], erm.last.optimizer["state"][i]["momentum_buffer"])
+               for i in before["state"]]
+    assert buffers and all(torch.equal(a, b) for a, b in buffers)
 
 
 def test_non_finite_loss_stops_training():

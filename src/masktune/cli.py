@@ -1,10 +1,13 @@
-"""The ``masktune`` command line: a thin layer over :mod:`masktune.experiments`."""
+"""The ``masktune`` command line: a thin layer over :mod:`masktune.experiments` and :mod:`masktune.sweep`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from . import sweep
 from .errors import MaskTuneError
 from .experiments import EXPERIMENTS, make_config, parse_overrides, run_experiment
 from .reporting import results_table
@@ -36,40 +39,71 @@ DATA_FLAGS = {
 }
 
 
+def _add_run_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
+    parser.add_argument("experiment", nargs="?", default="biased-mnist", choices=sorted(EXPERIMENTS))
+    for flag, (_, kind, text) in RUN_FLAGS.items():
+        if flag not in leave_out:
+            parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=text)
+    data = parser.add_argument_group("biased MNIST data options (also settable as --set data.<option>=...)")
+    for flag, (kind, text) in DATA_FLAGS.items():
+        data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``masktune`` command."""
     parser = argparse.ArgumentParser(prog="masktune", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run an experiment (default: biased-mnist)")
-    run.add_argument("experiment", nargs="?", default="biased-mnist", choices=sorted(EXPERIMENTS))
-    for flag, (_, kind, text) in RUN_FLAGS.items():
-        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=text)
-    data = run.add_argument_group("biased MNIST data options (also settable as --set data.<option>=...)")
-    for flag, (kind, text) in DATA_FLAGS.items():
-        data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
+    run = commands.add_parser("run", help="run an experiment (default: biased-mnist); rerun to resume")
+    _add_run_options(run)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any setting, e.g. --set weight_decay=5e-4 --set data.square_size=6")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    grid = commands.add_parser("sweep", help="run an experiment over seeds and a grid of settings")
+    _add_run_options(grid, leave_out=("seed", "out"))
+    grid.add_argument("--seeds", default="0..4", help="a range like 0..4 (inclusive) or a list like 0,3,7")
+    grid.add_argument("--out", dest="sweep_dir", help="sweep folder (default: runs/sweep-<experiment>)")
+    grid.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                      help="a grid axis: the values, separated by commas (by ; for list-valued settings such "
+                           "as methods or data.colour, e.g. --set 'methods=erm,masktune;masktune')")
     return parser
+
+
+def _message(error: MaskTuneError) -> str:
+    """The error's own message, also when a DataLoader worker wrapped it in the worker's traceback."""
+    text = str(error)
+    if text.startswith("Caught ") and "DataLoader worker" in text.partition("\n")[0]:
+        text = text.rpartition(f"{type(error).__module__}.{type(error).__qualname__}: ")[2]
+    return text.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``masktune`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         given = {key: value for key, value in vars(args).items()
                  if value is not None and (key in RUN_FLAGS or key.startswith("data."))}
         overrides = {RUN_FLAGS[k][0] if k in RUN_FLAGS else k: str(v) for k, v in given.items()}
+        if args.command == "sweep":
+            out = Path(args.sweep_dir or f"runs/sweep-{args.experiment}")
+            runs = sweep.plan(args.experiment, sweep.parse_seeds(args.seeds), args.set, overrides, out)
+            rows = sweep.aggregate(sweep.run_sweep(runs, out, progress=not args.quiet))
+            if rank == 0:
+                print(sweep.markdown_table(rows))
+                print(f"runs: {out / 'runs.jsonl'}; tables: {out / 'summary.md'}, {out / 'summary.csv'}")
+            return 0
         config = make_config(args.experiment, overrides | parse_overrides(args.set))
         results = run_experiment(config, progress=not args.quiet)
     except MaskTuneError as error:
-        print(f"masktune: error: {error}", file=sys.stderr)
+        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"masktune: error{where}: {_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("masktune: interrupted", file=sys.stderr)
         return 130
-    print(results_table(results))
-    print(f"results: {config.out_dir / 'results.json'}")
+    if rank == 0:
+        print(results_table(results))
+        print(f"results: {config.out_dir / 'results.json'}")
     return 0
 
 

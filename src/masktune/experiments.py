@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import platform
-import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import __version__
-from ._io import save_torch, write_json
 from .data import BiasedMNISTConfig, load_mnist, make_biased_mnist
+from .distributed import resolve_device
 from .errors import MaskTuneError
-from .evaluation import evaluate, mask_diagnostics
-from .masking import MaskedDataset, compute_masks, random_square_masks
-from .models import SmallCNN, resolve_cam_layer
-from .training import finetune, train_erm
+from .models import SmallCNN
 
 METHODS = ("erm", "randmask", "masktune")
 
@@ -58,6 +51,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     num_workers: int = 0
+    mask_chunk: int = 8192
     data: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -74,8 +68,9 @@ class RunConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be a positive number of images, got {self.limit}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r} is not available (no CUDA GPU visible); use --device cpu")
+        if self.mask_chunk < 1:
+            raise ConfigError(f"mask_chunk must be a positive number of images, got {self.mask_chunk}")
+        resolve_device(self.device)
 
 
 @dataclass
@@ -178,114 +173,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-class StageTimer:
-    """Wall time of each named stage, in seconds."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-
-
-def environment(device: str) -> dict[str, str]:
-    """Versions and hardware, for the results file."""
-    return {
-        "masktune": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
-        "threads": str(torch.get_num_threads()),
-    }
-
-
-def _limited(dataset: Dataset, limit: int | None) -> Dataset:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    subset = getattr(dataset, "subset", None)
-    return subset(limit) if subset is not None else torch.utils.data.Subset(dataset, range(limit))
-
-
 def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
     """Run ERM and the chosen finetunes of ``config``'s experiment; write checkpoints and results.
 
-    Returns the results dictionary that is also written to ``config.out_dir / "results.json"``.
+    Returns the results dictionary that is also written to ``config.out_dir / "results.json"``. A
+    run killed at any point continues where it stopped when started again with the same settings
+    (see :mod:`masktune.runner`); under torchrun it runs on all processes.
     """
-    spec = get_experiment(config.experiment)
-    config.validate()
-    out = config.out_dir
-    write_json({"experiment": spec.name, "version": spec.version, **asdict(config)}, out / "config.json")
-    timer = StageTimer()
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    with timer("data"):
-        data = spec.build_data(config)
-        train = _limited(data.train, config.limit)
-        val = _limited(data.val, config.limit) if data.val is not None else None
-        tests = {name: _limited(dataset, config.limit) for name, dataset in data.tests.items()}
-    train_args = dict(momentum=config.momentum, weight_decay=config.weight_decay, batch_size=config.batch_size,
-                      seed=config.seed, device=config.device, num_workers=config.num_workers, progress=progress)
+    from .runner import run  # the pipeline imports this module's registry
 
-    def new_model() -> nn.Module:
-        return spec.build_model(config, data.num_classes)
-
-    model = new_model()
-    resolve_cam_layer(model, config.cam_layer, train[0][0].unsqueeze(0))  # fail before training, not after
-    with timer("erm"):
-        erm = train_erm(model, train, val, epochs=config.epochs, lr=config.lr,
-                        checkpoint_dir=out / "checkpoints", **train_args)
-    model.load_state_dict(erm.best.model)
-    models = {"erm": model}
-    diagnostics = {}
-    finetune_lr = config.finetune_lr if config.finetune_lr is not None else config.lr
-    spurious = getattr(train, "metadata", {}).get("spurious")
-
-    def finetuned(method: str, masks: torch.Tensor) -> nn.Module:
-        diagnostics[method] = mask_diagnostics(masks, spurious, data.feature_region)
-        tuned = new_model()
-        tuned.load_state_dict(erm.last.model)
-        with timer(f"finetune_{method}"):
-            history = finetune(tuned, MaskedDataset(train, masks), optimizer_state=erm.last.optimizer,
-                               lr=finetune_lr, desc=method, **train_args)
-        erm.history.extend(history)
-        save_torch(tuned.state_dict(), out / "checkpoints" / f"{method}.pt")
-        return tuned
-
-    if "randmask" in config.methods:
-        generator = torch.Generator().manual_seed(config.seed)
-        models["randmask"] = finetuned(
-            "randmask", random_square_masks(len(train), *train[0][0].shape[-2:], generator=generator))
-    if "masktune" in config.methods:
-        with timer("masking"):
-            masks = compute_masks(model, train, config.cam_layer, method=config.cam_method, k=config.mask_k,
-                                  device=config.device, num_workers=config.num_workers, progress=progress)
-        models["masktune"] = finetuned("masktune", masks)
-
-    with timer("evaluation"):
-        accuracies = {method: evaluate(models[method], tests, device=config.device)
-                      for method in METHODS if method in config.methods}
-    timer.seconds["total"] = round(time.perf_counter() - started, 3)
-    config_dict = asdict(config)
-    config_dict.update(out=str(out), finetune_lr=finetune_lr, methods=list(config.methods), version=spec.version)
-    results = {
-        "config": config_dict,
-        "environment": environment(config.device),
-        "sizes": {"train": len(train), "val": len(val) if val is not None else 0,
-                  **{k: len(v) for k, v in tests.items()}},
-        "accuracy": accuracies,
-        "masking": diagnostics,
-        "erm_best_epoch": erm.best.epoch,
-        "history": erm.history,
-        "timings_s": timer.seconds,
-    }
-    write_json(results, out / "results.json")
-    return results
+    return run(config, progress=progress)
 
 
 def _biased_mnist_data(config: RunConfig) -> ExperimentData:

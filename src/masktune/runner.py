@@ -1,0 +1,268 @@
+"""The pipeline of a run, stage by stage, each resumable: ERM (per epoch), masking (per chunk of
+images), each finetune and each method's evaluation.
+
+Every stage writes its result atomically into the run directory before the next starts; a rerun of
+the same command skips what is saved, and on the CPU ends with the same results as a run that was
+never interrupted. Under torchrun every process runs the stages on its share of the data and rank 0
+writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
+
+from . import __version__, distributed
+from ._io import load_torch, save_torch, write_json
+from .data import DataError
+from .evaluation import evaluate, mask_diagnostics
+from .experiments import METHODS, Experiment, ExperimentData, RunConfig, get_experiment
+from .masking import MaskedDataset, compute_masks, random_square_masks
+from .models import eval_mode, resolve_cam_layer
+from .rundir import MaskStore, RunLock, check_saved_config
+from .training import (ERMResult, TrainingError, check_labels, finetune, first_batch, labels_of, model_device,
+                       snapshot, train_erm)
+
+
+class StageTimer:
+    """Wall time of each named stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Versions and hardware, for the results file."""
+    return {
+        "masktune": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+def _limited(dataset: Dataset, limit: int | None) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    subset = getattr(dataset, "subset", None)
+    return subset(limit) if subset is not None else Subset(dataset, range(limit))
+
+
+def _note(message: str, progress: bool) -> None:
+    if progress and distributed.is_main():
+        print(f"masktune: {message}", file=sys.stderr)
+
+
+def check_inputs(data: ExperimentData, splits: dict[str, Dataset | None], model: nn.Module,
+                 config: RunConfig) -> None:
+    """Refuse, before anything is written, data and settings the run would fail on later: an empty
+    split, labels the model has no output for, a class without training images, a bad CAM layer."""
+    for name, dataset in splits.items():
+        if dataset is not None and len(dataset) == 0:
+            raise DataError(f"the {name} set is empty; check the data (--data-dir) and --limit")
+    example = first_batch(splits["training"], model_device(model))
+    with eval_mode(model), torch.no_grad():
+        outputs = model(example).shape[1]
+    for name, dataset in splits.items():
+        if dataset is not None:
+            check_labels(labels_of(dataset), outputs, name)
+    counts = torch.bincount(labels_of(splits["training"]), minlength=data.num_classes)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise DataError(
+            f"class(es) {', '.join(map(str, empty))} of the {data.num_classes} classes have no training images, "
+            "and a classifier cannot learn a class it never sees; check the data (--data-dir), and with "
+            "--limit keep enough images that every class is present"
+        )
+    if "masktune" in config.methods:
+        resolve_cam_layer(model, config.cam_layer, example)
+
+
+class _Run:
+    """One run of the pipeline: its data, models and run directory."""
+
+    def __init__(self, spec: Experiment, config: RunConfig, device: torch.device, resuming: bool,
+                 progress: bool) -> None:
+        self.spec, self.config, self.device, self.resuming = spec, config, device, resuming
+        self.progress = progress and distributed.is_main()
+        self.out = config.out_dir
+        self.checkpoints = self.out / "checkpoints"
+        self.timer = StageTimer()
+        self.resumed = False
+        torch.manual_seed(config.seed)
+        with self.timer("data"):
+            self.data = spec.build_data(config)
+            self.train = _limited(self.data.train, config.limit)
+            self.val = _limited(self.data.val, config.limit) if self.data.val is not None else None
+            self.tests = {name: _limited(dataset, config.limit) for name, dataset in self.data.tests.items()}
+        self.model = self.new_model()
+        self.train_args = dict(momentum=config.momentum, weight_decay=config.weight_decay,
+                               batch_size=config.batch_size, seed=config.seed, device=device,
+                               num_workers=config.num_workers, progress=self.progress)
+        self.finetune_lr = config.finetune_lr if config.finetune_lr is not None else config.lr
+
+    def new_model(self) -> nn.Module:
+        return self.spec.build_model(self.config, self.data.num_classes)
+
+    def saved(self, path: Path) -> bool:
+        """Whether the stage output ``path`` exists (and so this run continues an earlier one)."""
+        found = path.is_file()
+        self.resumed |= found
+        return found
+
+    def erm(self) -> ERMResult:
+        last = self.checkpoints / "erm_last.pt"
+        if self.saved(last):
+            _note(f"resuming from {last}", self.progress)
+        with self.timer("erm"):
+            return train_erm(self.model, self.train, self.val, epochs=self.config.epochs, lr=self.config.lr,
+                             checkpoint_dir=self.checkpoints, resume=True, **self.train_args)
+
+    def masks(self) -> torch.Tensor:
+        """MaskTune's masks of the training set from the best ERM model, chunk by chunk."""
+        store = MaskStore(self.out / "masks" / "masktune")
+        n, size = len(self.train), self.config.mask_chunk
+        chunks = []
+        for start in tqdm(range(0, n, size), desc="masking", unit="chunk", disable=not self.progress, leave=False):
+            stop = min(start + size, n)
+            chunk = store.load(start, stop)
+            self.resumed |= chunk is not None
+            if chunk is None:
+                with self.timer("masking"):
+                    chunk = distributed.map_shards(self._compute_masks, Subset(self.train, range(start, stop)))
+                if distributed.is_main():
+                    store.save(start, stop, chunk)
+            chunks.append(chunk)
+        distributed.barrier()
+        return torch.cat(chunks)
+
+    def _compute_masks(self, images: Dataset) -> torch.Tensor:
+        return compute_masks(self.model, images, self.config.cam_layer, method=self.config.cam_method,
+                             k=self.config.mask_k, device=self.device, num_workers=self.config.num_workers,
+                             progress=False)
+
+    def finetuned(self, method: str, masks: torch.Tensor, erm: ERMResult) -> tuple[nn.Module, list[dict]]:
+        """The last ERM model finetuned for one epoch on the training set under ``masks``."""
+        path = self.checkpoints / f"{method}.pt"
+        tuned = self.new_model()
+        if self.saved(path):
+            saved = load_torch(path)
+            tuned.load_state_dict(saved["model"])
+            return tuned, saved["history"]
+        tuned.load_state_dict(erm.last.model)
+        torch.manual_seed(self.config.seed)  # a restarted finetune replays the same random draws
+        with self.timer(f"finetune_{method}"):
+            try:
+                history = finetune(tuned, MaskedDataset(self.train, masks), optimizer_state=erm.last.optimizer,
+                                   lr=self.finetune_lr, desc=method, **self.train_args)
+            except TrainingError as error:
+                raise TrainingError(f"{error}; the ERM checkpoints in {self.checkpoints} were kept") from None
+        if distributed.is_main():
+            save_torch({"model": snapshot(tuned), "history": history}, path)
+        distributed.barrier()
+        return tuned, history
+
+    def evaluated(self, method: str, model: nn.Module) -> dict:
+        """``method``'s metrics on every test set, computed on rank 0 and saved."""
+        path = self.out / "evaluation" / f"{method}.json"
+        if self.saved(path):
+            return json.loads(path.read_text())
+        with self.timer("evaluation"):
+            metrics = distributed.on_main(lambda: evaluate(model, self.tests, device=self.device))
+        if distributed.is_main():
+            write_json(metrics, path)
+        return metrics
+
+    def results(self, erm: ERMResult, accuracies: dict, diagnostics: dict, history: list[dict]) -> dict:
+        self.timer.seconds["total"] = round(sum(self.timer.seconds.values()), 3)
+        config = asdict(self.config)
+        config.update(out=str(self.out), finetune_lr=self.finetune_lr, methods=list(self.config.methods),
+                      version=self.spec.version, world_size=distributed.world_size())
+        return {
+            "config": config,
+            "environment": environment(self.device),
+            "sizes": {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
+                      **{name: len(dataset) for name, dataset in self.tests.items()}},
+            "accuracy": accuracies,
+            "masking": diagnostics,
+            "erm_best_epoch": erm.best.epoch,
+            "history": history,
+            "timings_s": self.timer.seconds,
+            "resumed": self.resumed,
+        }
+
+    def execute(self) -> dict:
+        config = self.config
+        splits = {"training": self.train, "validation": self.val,
+                  **{f"test {name!r}": dataset for name, dataset in self.tests.items()}}
+        check_inputs(self.data, splits, self.model, config)
+        if distributed.is_main() and not self.resuming:
+            write_json(saved_config(self.spec, config), self.out / "config.json")
+        erm = self.erm()
+        self.model.load_state_dict(erm.best.model)
+        models, diagnostics, history = {"erm": self.model}, {}, list(erm.history)
+        spurious = getattr(self.train, "metadata", {}).get("spurious")
+        for method in ("randmask", "masktune"):
+            if method not in config.methods:
+                continue
+            if method == "randmask":
+                generator = torch.Generator().manual_seed(config.seed)
+                masks = random_square_masks(len(self.train), *self.train[0][0].shape[-2:], generator=generator)
+            else:
+                masks = self.masks()
+            diagnostics[method] = mask_diagnostics(masks, spurious, self.data.feature_region)
+            models[method], method_history = self.finetuned(method, masks, erm)
+            history.extend(method_history)
+        accuracies = {method: self.evaluated(method, models[method]) for method in METHODS if method in config.methods}
+        results = self.results(erm, accuracies, diagnostics, history)
+        if distributed.is_main():
+            write_json(results, self.out / "results.json")
+        return results
+
+
+def saved_config(spec: Experiment, config: RunConfig) -> dict:
+    """The configuration as ``config.json`` records it (a resumed run must match it)."""
+    return {"experiment": spec.name, "version": spec.version, **asdict(config),
+            "world_size": distributed.launched_world_size()}
+
+
+def run(config: RunConfig, *, progress: bool = True) -> dict:
+    """The pipeline behind :func:`masktune.experiments.run_experiment` (see there)."""
+    spec = get_experiment(config.experiment)
+    config.validate()
+    with distributed.session(config.device), ExitStack() as stack:
+        device = distributed.resolve_device(config.device)
+        out = config.out_dir
+
+        def claim() -> tuple[bool, dict | None]:
+            stack.enter_context(RunLock(out))
+            resuming = check_saved_config(out, saved_config(spec, config))
+            finished = out / "results.json"
+            return resuming, json.loads(finished.read_text()) if finished.is_file() else None
+
+        resuming, finished = distributed.on_main(claim)
+        if finished is not None:
+            _note(f"{out} holds a finished run; showing its results", progress)
+            return finished
+        return _Run(spec, config, device, resuming, progress).execute()
