@@ -63,7 +63,8 @@ def assert_same_run(out, reference):
     a, b = results(out), results(reference)
     assert {key: a[key] for key in SAME} == {key: b[key] for key in SAME}
     for name in ("erm_best", "erm_last", "randmask", "masktune"):
-        sa, sb = (torch.load(d / "checkpoints" / f"{name}.pt")["model"] for d in (out, reference))
+        sa, sb = (torch.load(d / "checkpoints" / f"{name}.pt") for d in (out, reference))
+        sa, sb = (s.get("model", s) for s in (sa, sb))  # ERM checkpoints hold more than the model
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     assert torch.equal(MaskStore(out / "masks" / "masktune").load_all(),
                        MaskStore(reference / "masks" / "masktune").load_all())
@@ -122,8 +123,9 @@ def test_other_settings_in_the_same_run_directory_are_refused(tiny_run, referenc
 def test_a_second_writer_is_refused_and_a_dead_holder_does_not_block(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MASKTUNE_HOME", str(tiny_run.home))
     out = tmp_path / "run"
+    quick = ("--methods", "erm", "--epochs", "1", "--limit", "60")
     with RunLock(out):
-        assert main(tiny_run.args(out, "--methods", "erm", "--epochs", "1")) == 2
+        assert main(tiny_run.args(out, *quick)) == 2
         err = capsys.readouterr().err
         assert f"being written by another masktune run (pid {os.getpid()}" in err
         assert not (out / "config.json").exists()
@@ -132,7 +134,7 @@ def test_a_second_writer_is_refused_and_a_dead_holder_does_not_block(tiny_run, t
     dead.wait()
     out.mkdir()
     (out / "run.lock").write_text(f"pid {dead.pid} on this host\n")
-    assert main(tiny_run.args(out, "--methods", "erm", "--epochs", "1")) == 0
+    assert main(tiny_run.args(out, *quick)) == 0
 
 
 class Bright(torch.utils.data.Dataset):
@@ -176,3 +178,9 @@ def test_mask_chunks_round_trip_bit_packed(tmp_path):
     store.save(6, 10, masks[6:])
     assert torch.equal(store.load(6, 10), masks[6:]) and torch.equal(store.load_all(), masks)
     assert torch.load(tmp_path / "000000000-000000006.pt")["bits"].shape == (6, 5, 2)  # 8 pixels a byte
+
+
+def test_unwritable_run_directory_is_explained(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["run", "--out", str(tmp_path / "file" / "run"), "--quiet"]) == 2
+    assert "cannot write into" in capsys.readouterr().err

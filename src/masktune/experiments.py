@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import platform
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from . import __version__
 from .data import BiasedMNISTConfig, load_mnist, make_biased_mnist
 from .distributed import resolve_device
 from .errors import MaskTuneError
@@ -171,6 +175,40 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
             raise ConfigError(f"--set takes key=value, got {pair!r}")
         overrides[key.strip()] = value.strip()
     return overrides
+
+
+class StageTimer:
+    """Wall time of each named stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def environment(device: str) -> dict[str, str]:
+    """Versions and hardware, for the results file."""
+    return {
+        "masktune": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+def _limited(dataset: Dataset, limit: int | None) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    subset = getattr(dataset, "subset", None)
+    return subset(limit) if subset is not None else torch.utils.data.Subset(dataset, range(limit))
 
 
 def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:

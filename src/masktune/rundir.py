@@ -40,9 +40,12 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self._created = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
         while True:
-            file = open(self.path, "a+")
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                file = open(self.path, "a+")
+            except OSError as error:
+                raise RunDirError(f"cannot write into {self.folder} ({error.strerror}); pass a writable --out") from None
             try:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

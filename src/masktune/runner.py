@@ -10,63 +10,26 @@ writes the files.
 from __future__ import annotations
 
 import json
-import platform
 import sys
-import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from . import distributed
 from ._io import load_torch, save_torch, write_json
 from .data import DataError
 from .evaluation import evaluate, mask_diagnostics
-from .experiments import METHODS, Experiment, ExperimentData, RunConfig, get_experiment
+from .experiments import (METHODS, Experiment, ExperimentData, RunConfig, StageTimer, _limited, environment,
+                          get_experiment)
 from .masking import MaskedDataset, compute_masks, random_square_masks
 from .models import eval_mode, resolve_cam_layer
 from .rundir import MaskStore, RunLock, check_saved_config
-from .training import (ERMResult, TrainingError, check_labels, finetune, first_batch, labels_of, model_device,
-                       snapshot, train_erm)
-
-
-class StageTimer:
-    """Wall time of each named stage, in seconds."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    """Versions and hardware, for the results file."""
-    return {
-        "masktune": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": str(torch.get_num_threads()),
-    }
-
-
-def _limited(dataset: Dataset, limit: int | None) -> Dataset:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    subset = getattr(dataset, "subset", None)
-    return subset(limit) if subset is not None else Subset(dataset, range(limit))
+from .training import ERMResult, TrainingError, check_labels, finetune, first_batch, labels_of, model_device, train_erm
 
 
 def _note(message: str, progress: bool) -> None:
@@ -163,13 +126,13 @@ class _Run:
                              progress=False)
 
     def finetuned(self, method: str, masks: torch.Tensor, erm: ERMResult) -> tuple[nn.Module, list[dict]]:
-        """The last ERM model finetuned for one epoch on the training set under ``masks``."""
-        path = self.checkpoints / f"{method}.pt"
+        """The last ERM model finetuned for one epoch on the training set under ``masks``; saved as
+        ``<method>.pt`` (the state dict), after its history (``<method>_history.json``)."""
+        path, history_path = self.checkpoints / f"{method}.pt", self.checkpoints / f"{method}_history.json"
         tuned = self.new_model()
         if self.saved(path):
-            saved = load_torch(path)
-            tuned.load_state_dict(saved["model"])
-            return tuned, saved["history"]
+            tuned.load_state_dict(load_torch(path))
+            return tuned, json.loads(history_path.read_text())
         tuned.load_state_dict(erm.last.model)
         torch.manual_seed(self.config.seed)  # a restarted finetune replays the same random draws
         with self.timer(f"finetune_{method}"):
@@ -179,7 +142,8 @@ class _Run:
             except TrainingError as error:
                 raise TrainingError(f"{error}; the ERM checkpoints in {self.checkpoints} were kept") from None
         if distributed.is_main():
-            save_torch({"model": snapshot(tuned), "history": history}, path)
+            write_json(history, history_path)
+            save_torch(tuned.state_dict(), path)
         distributed.barrier()
         return tuned, history
 
@@ -198,10 +162,10 @@ class _Run:
         self.timer.seconds["total"] = round(sum(self.timer.seconds.values()), 3)
         config = asdict(self.config)
         config.update(out=str(self.out), finetune_lr=self.finetune_lr, methods=list(self.config.methods),
-                      version=self.spec.version, world_size=distributed.world_size())
+                      version=self.spec.version)
         return {
             "config": config,
-            "environment": environment(self.device),
+            "environment": {**environment(str(self.device)), "world_size": str(distributed.world_size())},
             "sizes": {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
                       **{name: len(dataset) for name, dataset in self.tests.items()}},
             "accuracy": accuracies,
