@@ -51,7 +51,7 @@ def test_saved_masks_are_reused_and_mismatches_refused(mnist_dir, tmp_path, caps
     capsys.readouterr()
     for extra, words in ((("--seed", "1"), "weights differ"), (("--cam-method", "gradcam"), "cam_method"),
                          (("--limit", "150"), "holds 200 masks but the dataset has 150")):
-        assert run(mnist_dir, tmp_path / "c", *common, "--masks", str(saved), *extra) == 2
+        assert run(mnist_dir, tmp_path / ("c" + "_".join(extra)), *common, "--masks", str(saved), *extra) == 2
         assert words in capsys.readouterr().err
 
 

@@ -96,8 +96,8 @@ def test_image_csv_run_with_two_test_sets(tmp_path, tiny_resnet50_stand_in):
 
 
 def test_cifar10_run(tmp_path):
-    results = run("cifar10", write_cifar10(tmp_path / "c10", per_batch=8), tmp_path / "out")
-    assert results["sizes"] == {"train": 32, "val": 8, "test": 8}
+    results = run("cifar10", write_cifar10(tmp_path / "c10", per_batch=20), tmp_path / "out")
+    assert results["sizes"] == {"train": 80, "val": 20, "test": 20}
     check_selective(results, "test")
     assert results["config"]["lr"] == 0.1 and results["config"]["weight_decay"] == 1e-4
 

@@ -260,14 +260,17 @@ def test_report_command_errors(tiny_run, tmp_path, capsys):
     assert "masktune.pt is missing" in capsys.readouterr().err
 
 
-def test_metrics_log_is_rewritten_whole_and_starts_fresh(tmp_path):
+def test_metrics_log_is_rewritten_whole_and_a_resumed_log_appends(tmp_path):
     log = MetricsLog(tmp_path)
     log({"stage": "erm", "epoch": 1, "loss": 0.5})
     log({"stage": "erm", "epoch": 2, "loss": 0.25})
     log.close()
     assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.5, 0.25]
-    MetricsLog(tmp_path).close()
-    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    resumed = MetricsLog(tmp_path)
+    resumed({"stage": "masktune", "epoch": 1, "loss": 0.125})
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["stage"], line["loss"]) for line in lines] == [("erm", 0.5), ("erm", 0.25), ("masktune", 0.125)]
 
 
 def test_tensorboard_scalars(tmp_path):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,18 @@ def test_finetune_continues_the_optimizer_with_the_given_lr():
     finetune(again, train, optimizer_state=erm.last.optimizer, lr=0.05, batch_size=32, progress=False)
     # finetuning did not change the checkpoint's optimizer state: a second finetune from it is the same
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), with_state.state_dict().values()))
+
+
+def test_finetune_leaves_the_given_optimizer_state_untouched():
+    train = Bright(64)
+    erm = train_erm(tiny_model(), train, epochs=1, lr=0.05, batch_size=16, progress=False)
+    before = copy.deepcopy(erm.last.optimizer)
+    model = tiny_model()
+    model.load_state_dict(erm.last.model)
+    finetune(model, train, optimizer_state=erm.last.optimizer, lr=0.05, batch_size=16, progress=False)
+    buffers = [(before["state"][i]["momentum_buffer"], erm.last.optimizer["state"][i]["momentum_buffer"])
+               for i in before["state"]]
+    assert buffers and all(torch.equal(a, b) for a, b in buffers)
 
 
 def test_non_finite_loss_stops_training():

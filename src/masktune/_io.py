@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import MaskTuneError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -38,3 +41,11 @@ def save_torch(obj: Any, path: str | Path) -> None:
 def write_json(obj: Any, path: str | Path) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def load_torch(path: str | Path) -> Any:
+    """A file written by :func:`save_torch` (tensors and plain Python values only), on the CPU."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise MaskTuneError(f"cannot read {path} ({exc}); delete it and run again to recompute it") from None

@@ -1,10 +1,13 @@
-"""The ``masktune`` command line: a thin layer over :mod:`masktune.experiments`."""
+"""The ``masktune`` command line: a thin layer over :mod:`masktune.experiments` and :mod:`masktune.sweep`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from . import sweep
 from .errors import MaskTuneError
 from .experiments import EXPERIMENTS, make_config, parse_overrides, run_experiment
 from .reporting import results_table, write_report
@@ -43,36 +46,57 @@ DATA_FLAGS = {
 }
 
 
+def _add_run_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
+    parser.add_argument("experiment", nargs="?", default="biased-mnist", choices=sorted(EXPERIMENTS))
+    for flag, (_, kind, text) in RUN_FLAGS.items():
+        if flag not in leave_out:
+            parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=text)
+    data = parser.add_argument_group("biased MNIST data options (also settable as --set data.<option>=...)")
+    for flag, (kind, text) in DATA_FLAGS.items():
+        data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
+    parser.add_argument("--accumulate", action="store_true", help="with --iterations > 1: add new masks to the old")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also log per-epoch metrics for TensorBoard (needs pip install 'masktune[tensorboard]')")
+    parser.add_argument("--no-pretrained", dest="pretrained", action="store_const", const="false",
+                        help="random initialisation instead of pretrained (ImageNet) weights")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``masktune`` command."""
     parser = argparse.ArgumentParser(prog="masktune", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run an experiment (default: biased-mnist)")
-    run.add_argument("experiment", nargs="?", default="biased-mnist", choices=sorted(EXPERIMENTS))
-    for flag, (_, kind, text) in RUN_FLAGS.items():
-        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=text)
-    data = run.add_argument_group("biased MNIST data options (also settable as --set data.<option>=...)")
-    for flag, (kind, text) in DATA_FLAGS.items():
-        data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
+    run = commands.add_parser("run", help="run an experiment (default: biased-mnist); rerun to resume")
+    _add_run_options(run)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any setting, e.g. --set weight_decay=5e-4 --set data.square_size=6")
-    run.add_argument("--accumulate", action="store_true", help="with --iterations > 1: add new masks to the old")
-    run.add_argument("--tensorboard", action="store_true",
-                     help="also log per-epoch metrics for TensorBoard (needs pip install 'masktune[tensorboard]')")
     run.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
-    run.add_argument("--no-pretrained", dest="pretrained", action="store_const", const="false",
-                     help="random initialisation instead of pretrained (ImageNet) weights")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
     report = commands.add_parser("report", help="write the HTML report (heatmaps, masks, accuracy, curves) of a run")
     report.add_argument("run_dir", help="a run directory, or a directory of run directories (one per seed)")
     report.add_argument("--device", default="cpu", help="device that runs the models for the heatmaps")
     report.add_argument("--samples", type=int, default=3, help="training images shown per group")
+    grid = commands.add_parser("sweep", help="run an experiment over seeds and a grid of settings")
+    _add_run_options(grid, leave_out=("seed", "out"))
+    grid.add_argument("--seeds", default="0..4", help="a range like 0..4 (inclusive) or a list like 0,3,7")
+    grid.add_argument("--out", dest="sweep_dir", help="sweep folder (default: runs/sweep-<experiment>)")
+    grid.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                      help="a grid axis: the values, separated by commas (by ; for list-valued settings such "
+                           "as methods or data.colour, e.g. --set 'methods=erm,masktune;masktune')")
     return parser
+
+
+def _message(error: MaskTuneError) -> str:
+    """The error's own message, also when a DataLoader worker wrapped it in the worker's traceback."""
+    text = str(error)
+    if text.startswith("Caught ") and "DataLoader worker" in text.partition("\n")[0]:
+        text = text.rpartition(f"{type(error).__module__}.{type(error).__qualname__}: ")[2]
+    return text.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``masktune`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         if args.command == "report":
             print(f"report: {write_report(args.run_dir, device=args.device, samples_per_group=args.samples)}")
@@ -81,14 +105,24 @@ def main(argv: list[str] | None = None) -> int:
                  if value is not None and (key in RUN_FLAGS or key.startswith("data.") or key == "pretrained")}
         overrides = {RUN_FLAGS[k][0] if k in RUN_FLAGS else k: str(v) for k, v in given.items()}
         overrides |= {flag: "true" for flag in ("tensorboard", "accumulate") if getattr(args, flag)}
+        if args.command == "sweep":
+            out = Path(args.sweep_dir or f"runs/sweep-{args.experiment}")
+            runs = sweep.plan(args.experiment, sweep.parse_seeds(args.seeds), args.set, overrides, out)
+            rows = sweep.aggregate(sweep.run_sweep(runs, out, progress=not args.quiet))
+            if rank == 0:
+                print(sweep.markdown_table(rows))
+                print(f"runs: {out / 'runs.jsonl'}; tables: {out / 'summary.md'}, {out / 'summary.csv'}")
+            return 0
         config = make_config(args.experiment, overrides | parse_overrides(args.set))
         results = run_experiment(config, progress=not args.quiet)
-        print(results_table(results))
-        print(f"results: {config.out_dir / 'results.json'}")
-        if not args.no_report:
-            print(f"report: {write_report(config.out_dir, device=config.device)}")
+        if rank == 0:
+            print(results_table(results))
+            print(f"results: {config.out_dir / 'results.json'}")
+            if not args.no_report:
+                print(f"report: {write_report(config.out_dir, device=config.device)}")
     except MaskTuneError as error:
-        print(f"masktune: error: {error}", file=sys.stderr)
+        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"masktune: error{where}: {_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("masktune: interrupted", file=sys.stderr)

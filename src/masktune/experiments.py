@@ -12,7 +12,7 @@ import dataclasses
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -21,16 +21,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import __version__
-from ._io import save_torch, write_json
+from .distributed import resolve_device
 from .errors import MaskTuneError
-from .evaluation import evaluate_logits, group_counts, mask_diagnostics
-from .masking import compute_masks, make_rule, masktune_finetune, random_square_masks
-from .masksets import MaskSet
-from .models import resolve_cam_layer
-from .runlog import MetricsLog
+from .evaluation import evaluate_logits, group_counts
+from .masking import make_rule
 from .saliency import get_method
 from .selective import COVERAGES, selective_classification
-from .training import OPTIMIZERS, labels_of, predict, train_erm
+from .training import OPTIMIZERS, labels_of, predict
 
 METHODS = ("erm", "randmask", "masktune")
 
@@ -73,6 +70,7 @@ class RunConfig:
     selective: bool = False
     coverages: tuple[float, ...] = COVERAGES
     selective_test: str | None = None
+    mask_chunk: int = 8192
     data: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,8 +98,9 @@ class RunConfig:
                               "erm and masktune")
         if not self.coverages or not all(0 < c <= 100 for c in self.coverages):
             raise ConfigError(f"coverages are percentages in (0, 100], got {self.coverages}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r} is not available (no CUDA GPU visible); use --device cpu")
+        if self.mask_chunk < 1:
+            raise ConfigError(f"mask_chunk must be a positive number of images, got {self.mask_chunk}")
+        resolve_device(self.device)
 
 
 @dataclass
@@ -235,15 +234,16 @@ def environment(device: str) -> dict[str, str]:
     }
 
 
-def _limited(dataset: Dataset, limit: int | None) -> Dataset:
+def limited(dataset: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` samples of ``dataset`` (all of it for ``None``)."""
     if limit is None or limit >= len(dataset):
         return dataset
     subset = getattr(dataset, "subset", None)
     return subset(limit) if subset is not None else torch.utils.data.Subset(dataset, range(limit))
 
 
-def _evaluation(spec: Experiment, config: RunConfig, models: dict[str, nn.Module], val: Dataset | None,
-                tests: dict[str, Dataset], full_train: Dataset) -> tuple[dict, dict]:
+def evaluate_methods(spec: Experiment, config: RunConfig, models: dict[str, nn.Module], val: Dataset | None,
+                     tests: dict[str, Dataset], full_train: Dataset) -> tuple[dict, dict]:
     """Metrics of each method on each test set (groups weighted by the training set's proportions),
     the experiment's summary figures and, when asked, selective classification."""
     train_metadata = getattr(full_train, "metadata", {})
@@ -272,100 +272,13 @@ def _evaluation(spec: Experiment, config: RunConfig, models: dict[str, nn.Module
 def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
     """Run ERM and the chosen finetunes of ``config``'s experiment; write checkpoints and results.
 
-    Returns the results dictionary that is also written to ``config.out_dir / "results.json"``.
+    Returns the results dictionary that is also written to ``config.out_dir / "results.json"``. A
+    run killed at any point continues where it stopped when started again with the same settings
+    (see :mod:`masktune.runner`); under torchrun it runs on all processes.
     """
-    spec = get_experiment(config.experiment)
-    config.validate()
-    out = config.out_dir
-    write_json({"experiment": spec.name, "version": spec.version, **asdict(config)}, out / "config.json")
-    log = MetricsLog(out, tensorboard=config.tensorboard)
-    timer = StageTimer()
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    with timer("data"):
-        data = spec.build_data(config)
-        train = _limited(data.train, config.limit)
-        val = _limited(data.val, config.limit) if data.val is not None else None
-        tests = {name: _limited(dataset, config.limit) for name, dataset in data.tests.items()}
-    if config.selective and (val is None or (config.selective_test or next(iter(tests), None)) not in tests):
-        raise ConfigError(f"selective classification needs a validation set and a test set named by selective_test "
-                          f"(one of {', '.join(tests)}), got {config.selective_test!r}")
-    train_args = dict(momentum=config.momentum, weight_decay=config.weight_decay, batch_size=config.batch_size,
-                      seed=config.seed, device=config.device, num_workers=config.num_workers, progress=progress,
-                      optimizer=config.optimizer, augment=data.augment)
+    from .runner import run  # the pipeline imports this module's registry
 
-    def new_model() -> nn.Module:
-        return spec.build_model(config, data.num_classes)
-
-    model = new_model()
-    layer, _ = resolve_cam_layer(model, config.cam_layer, train[0][0].unsqueeze(0))  # fail before training
-    mask_settings = dict(layer=layer, method=config.cam_method, rule=make_rule(config.mask_rule, config.mask_param))
-    reused = None
-    if config.masks and "masktune" in config.methods:
-        expected = {"cam_method": get_method(config.cam_method).name, "layer": layer,
-                    "rule": repr(mask_settings["rule"])}
-        reused = MaskSet.load(config.masks, dataset=train, expect=expected)
-    with timer("erm"):
-        erm = train_erm(model, train, val, epochs=config.epochs, lr=config.lr,
-                        checkpoint_dir=out / "checkpoints", on_epoch=log, **train_args)
-    model.load_state_dict(erm.best.model)
-    models = {"erm": model}
-    diagnostics = {}
-    finetune_lr = config.finetune_lr if config.finetune_lr is not None else config.lr
-    spurious = getattr(train, "metadata", {}).get("spurious")
-
-    def finetuned(name: str, masks: MaskSet | torch.Tensor, **iterate: Any) -> tuple[nn.Module, list]:
-        tuned = new_model()
-        tuned.load_state_dict(erm.last.model)
-        with timer(f"finetune_{name}"):
-            result = masktune_finetune(tuned, train, masks, optimizer_state=erm.last.optimizer, lr=finetune_lr,
-                                       desc=name, **iterate, **train_args)
-        erm.history.extend(result.history)
-        for metrics in result.history:
-            log(metrics)
-        save_torch(tuned.state_dict(), out / "checkpoints" / f"{name}.pt")
-        return tuned, result.masks
-
-    if "randmask" in config.methods:
-        generator = torch.Generator().manual_seed(config.seed)
-        masks = random_square_masks(len(train), *train[0][0].shape[-2:], generator=generator)
-        diagnostics["randmask"] = mask_diagnostics(masks, spurious, data.feature_region)
-        models["randmask"], _ = finetuned("randmask", masks)
-    if "masktune" in config.methods:
-        with timer("masking"):
-            if reused is not None:
-                reused.check(model=model, source=config.masks)
-                masks = reused
-            else:
-                masks = compute_masks(model, train, device=config.device, num_workers=config.num_workers,
-                                      progress=progress, **mask_settings)
-        models["masktune"], iterations = finetuned(
-            "masktune", masks, iterations=config.iterations, accumulate=config.accumulate, **mask_settings)
-        for i, masks in enumerate(iterations, 1):
-            key = "masktune" if i == 1 else f"masktune_iteration{i}"
-            masks.save(out / "masks" / f"{key}.pt")
-            diagnostics[key] = mask_diagnostics(masks.unpack(), spurious, data.feature_region)
-
-    with timer("evaluation"):
-        accuracies, extra = _evaluation(spec, config, models, val, tests, data.train)
-    timer.seconds["total"] = round(time.perf_counter() - started, 3)
-    log.close()
-    config_dict = asdict(config)
-    config_dict.update(out=str(out), finetune_lr=finetune_lr, methods=list(config.methods), version=spec.version)
-    results = {
-        "config": config_dict,
-        "environment": environment(config.device),
-        "sizes": {"train": len(train), "val": len(val) if val is not None else 0,
-                  **{k: len(v) for k, v in tests.items()}},
-        "accuracy": accuracies,
-        **extra,
-        "masking": diagnostics,
-        "erm_best_epoch": erm.best.epoch,
-        "history": erm.history,
-        "timings_s": timer.seconds,
-    }
-    write_json(results, out / "results.json")
-    return results
+    return run(config, progress=progress)
 
 
 # The registered experiments live in configs.py, which imports this module: import it last.

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset, Subset
 
 from ._io import atomic_write_bytes
 from .errors import MaskTuneError
-from .experiments import ExperimentData, RunConfig, _limited, get_experiment, make_config
+from .experiments import ExperimentData, RunConfig, limited, get_experiment, make_config
 from .figures import (accuracy_figure, group_label, method_style, png_bytes, risk_coverage_figure, saliency_grid,
                       training_figure)
 from .masking import make_rule
@@ -166,7 +166,7 @@ def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> Load
         model = spec.build_model(config, data.num_classes)
         model.load_state_dict(state["model"] if method == "erm" else state)
         models[method] = model.to(device).eval()
-    return LoadedRun(results, config, data, _limited(data.train, config.limit), models)
+    return LoadedRun(results, config, data, limited(data.train, config.limit), models)
 
 
 def training_groups(dataset: Dataset) -> dict[tuple[int, int | None], torch.Tensor]:

@@ -17,7 +17,7 @@ class MetricsLog:
     Call it with one epoch's metrics (a dict with ``stage`` and ``epoch``, as :func:`~masktune.train_erm`
     passes to ``on_epoch``); ``metrics.jsonl`` gets the dict plus ``elapsed_s`` (seconds since the
     log was opened) as one line. The file is rewritten atomically after each epoch, so it is always
-    complete; opening the log empties it, so a rerun into the same directory starts afresh.
+    complete; a resumed run keeps the lines already there and appends its own.
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = False) -> None:
@@ -32,9 +32,8 @@ class MetricsLog:
                     "`pip install 'masktune[tensorboard]'` or run without --tensorboard"
                 ) from error
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        self.lines: list[str] = []
+        self.lines: list[str] = self.path.read_text().splitlines() if self.path.is_file() else []
         self.started = time.perf_counter()
-        atomic_write_bytes(self.path, b"")
 
     def __call__(self, metrics: dict) -> None:
         """Record one epoch."""

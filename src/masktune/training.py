@@ -11,10 +11,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm.auto import tqdm
 
-from ._io import save_torch
+from . import distributed
+from ._io import load_torch, save_torch
+from .data import DataError
 from .errors import MaskTuneError
 from .models import eval_mode
 
@@ -33,6 +35,26 @@ def _collate(batch: Any) -> Any:
     return batch if isinstance(batch, tuple) else default_collate(batch)
 
 
+class EpochBatches(Sampler[list[int]]):
+    """The batches of one training epoch: a permutation seeded by ``seed`` cut into batches of
+    ``batch_size``. Process ``shard`` of ``shards`` takes its contiguous slice of every batch, so the
+    processes of a distributed run together see the same batches as a single process."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shard: int = 0, shards: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.shard, self.shards = n, batch_size, seed, shard, shards
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        for batch in order.split(self.batch_size):
+            part = batch.tensor_split(self.shards)[self.shard]
+            # a last batch smaller than the number of processes: the ones left without a sample
+            # repeat one, as DistributedDataParallel needs every process to take each step
+            yield (part if len(part) else batch[self.shard % len(batch):][:1]).tolist()
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -42,14 +64,21 @@ def make_loader(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
 ) -> DataLoader:
-    """A DataLoader that uses a dataset's batched ``__getitems__`` when it has one; shuffling is
-    seeded by ``seed`` alone, so epoch ``e`` of a run can be replayed from ``seed`` and ``e``."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    """A DataLoader that uses a dataset's batched ``__getitems__`` when it has one.
+
+    Shuffling (and the seeds of worker processes) derive from ``seed`` alone, never from the global
+    random state, so epoch ``e`` of a run can be replayed from ``seed`` and ``e``. Under torchrun a
+    shuffled loader yields this process's slice of each batch (:class:`EpochBatches`).
+    """
+    if shuffle:
+        batching = {"batch_sampler": EpochBatches(len(dataset), batch_size, seed, distributed.rank(),
+                                                  distributed.world_size())}
+    else:
+        batching = {"batch_size": batch_size}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        **batching,
+        generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=torch.device(device).type == "cuda",
@@ -119,6 +148,16 @@ def continued_optimizer(
     return optimizer
 
 
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Refuse labels outside ``0 .. num_classes - 1`` (``num_classes``: the model's outputs)."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"the {where} labels range over {int(labels.min())}..{int(labels.max())}, but the model has "
+            f"{num_classes} outputs, so labels must lie in 0..{num_classes - 1}; give the model one output "
+            f"per class, or map the labels to 0..{num_classes - 1}"
+        )
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -128,7 +167,8 @@ def train_epoch(
     progress: bool = True,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass of cross-entropy training; returns the mean loss and accuracy (%) over the epoch.
+    """One pass of cross-entropy training; returns the mean loss and accuracy (%) over the epoch
+    (over all processes' batches under torchrun).
 
     ``augment``, when given, transforms each batch of images on ``device`` before the forward pass.
     """
@@ -138,10 +178,12 @@ def train_epoch(
     seen = 0
     for images, labels, *_ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
-        labels = torch.as_tensor(labels).to(device, non_blocking=True)
         if augment is not None:
             images = augment(images)
         logits = model(images)
+        labels = torch.as_tensor(labels)
+        check_labels(labels, logits.shape[1], "training")  # on the host: no device sync
+        labels = labels.to(device, non_blocking=True)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,13 +191,15 @@ def train_epoch(
         total_loss += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
-    mean_loss = total_loss.item() / max(seen, 1)
+    total_loss, correct, seen = distributed.all_reduce_sum(
+        torch.stack([total_loss, correct.double(), torch.tensor(seen, dtype=torch.float64, device=device)])).tolist()
+    mean_loss = total_loss / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise TrainingError(
             f"the training loss became {mean_loss} during {desc}; lower the learning rate or check the inputs "
-            "for NaN values (the last good checkpoint was kept)"
+            "for NaN values"
         )
-    return {"loss": mean_loss, "accuracy": 100.0 * correct.item() / max(seen, 1)}
+    return {"loss": mean_loss, "accuracy": 100.0 * correct / max(seen, 1)}
 
 
 @torch.inference_mode()
@@ -187,6 +231,23 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _checkpoint(saved: dict) -> Checkpoint:
+    return Checkpoint(saved["model"], saved["optimizer"], saved["epoch"], saved["val_accuracy"])
+
+
 def train_erm(
     model: nn.Module,
     train_set: Dataset,
@@ -201,6 +262,7 @@ def train_erm(
     device: torch.device | str | None = None,
     num_workers: int = 0,
     checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
     optimizer: str = "sgd",
@@ -209,33 +271,60 @@ def train_erm(
     """Train ``model`` by ordinary ERM (the authors' SGD defaults) and keep the best and last checkpoints.
 
     "Best" is by plain validation accuracy (the last epoch when no ``val_set`` is given). With
-    ``checkpoint_dir``, ``erm_best.pt`` and ``erm_last.pt`` are written there atomically each epoch.
-    ``on_epoch`` receives each epoch's metrics. ``optimizer`` is ``"sgd"`` or ``"adam"``
-    (:func:`make_optimizer`); ``augment`` transforms each training batch (see :func:`train_epoch`).
+    ``checkpoint_dir``, ``erm_best.pt`` and ``erm_last.pt`` are written there atomically each epoch;
+    ``erm_last.pt`` also holds the history and the random state, and with ``resume`` training
+    continues after the epoch it holds, with the same result as an uninterrupted run. Under
+    torchrun the model trains in DistributedDataParallel, each process on its slice of every batch;
+    rank 0 writes the checkpoints and receives ``on_epoch`` (each epoch's metrics). ``optimizer`` is
+    ``"sgd"`` or ``"adam"`` (:func:`make_optimizer`); ``augment`` transforms each training batch
+    (see :func:`train_epoch`).
     """
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     optimizer = make_optimizer(optimizer, model, lr, momentum, weight_decay)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     result: ERMResult | None = None
-    history: list[dict] = []
-    bar = tqdm(range(epochs), desc="ERM", unit="epoch", disable=not progress)
+    if resume and folder is not None and (folder / "erm_last.pt").is_file():
+        saved = load_torch(folder / "erm_last.pt")
+        if saved["epoch"] > epochs:
+            raise TrainingError(f"{folder / 'erm_last.pt'} holds epoch {saved['epoch']}, more than the {epochs} "
+                                "epochs asked for; ask for at least as many epochs, or use a new checkpoint folder")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        _set_rng_state(saved["rng_state"], device)
+        result = ERMResult(best=_checkpoint(load_torch(folder / "erm_best.pt")), last=_checkpoint(saved),
+                           history=saved["history"])
+    history = result.history if result is not None else []
+    start = result.last.epoch if result is not None else 0
+    trainer = distributed.wrap(model, device)
+    progress = progress and distributed.is_main()
+    bar = tqdm(range(start, epochs), desc="ERM", unit="epoch", disable=not progress, initial=start, total=epochs)
     for epoch in bar:
         loader = make_loader(train_set, batch_size, shuffle=True, seed=seed * 100_003 + epoch,
                              num_workers=num_workers, device=device)
-        metrics = {"stage": "erm", "epoch": epoch + 1, **train_epoch(model, loader, optimizer, device,
-                                                                      f"ERM epoch {epoch + 1}", progress, augment)}
+        try:
+            metrics = train_epoch(trainer, loader, optimizer, device, f"ERM epoch {epoch + 1}", progress, augment)
+        except TrainingError as error:
+            kept = (f"{folder / 'erm_last.pt'} (epoch {epoch}) is the last good checkpoint"
+                    if folder is not None and epoch > 0 else "no checkpoint was written")
+            raise TrainingError(f"{error}; {kept}") from None
+        distributed.broadcast_buffers(model)
+        metrics = {"stage": "erm", "epoch": epoch + 1, **metrics}
         if val_set is not None:
-            metrics["val_accuracy"] = accuracy(predict(model, val_set, device=device), labels_of(val_set))
+            logits = distributed.map_shards(lambda part: predict(model, part, device=device), val_set)
+            metrics["val_accuracy"] = accuracy(logits, labels_of(val_set))
+        history.append(metrics)
         last = Checkpoint(snapshot(model), snapshot(optimizer), epoch + 1, metrics.get("val_accuracy"))
         improved = result is None or val_set is None or last.val_accuracy > result.best.val_accuracy
         result = ERMResult(best=last if improved else result.best, last=last, history=history)
-        history.append(metrics)
-        if checkpoint_dir is not None:
+        if folder is not None and distributed.is_main():
+            # best before last: a kill between the two writes replays this epoch, which improves
+            # on nothing then and leaves the best checkpoint as it is
             if improved:
-                save_torch(vars(last), Path(checkpoint_dir) / "erm_best.pt")
-            save_torch(vars(last), Path(checkpoint_dir) / "erm_last.pt")
+                save_torch(vars(last), folder / "erm_best.pt")
+            save_torch({**vars(last), "history": history, "rng_state": _rng_state(device)}, folder / "erm_last.pt")
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "accuracy", "val_accuracy")})
-        if on_epoch is not None:
+        if on_epoch is not None and distributed.is_main():
             on_epoch(metrics)
     if result is None:
         raise MaskTuneError("epochs must be at least 1")
@@ -266,17 +355,21 @@ def finetune(
     (``optimizer_state``, e.g. ``ERMResult.last.optimizer``) with learning rate ``lr``.
     ``optimizer`` names the optimizer the state belongs to (``"sgd"`` or ``"adam"``), or is an
     optimizer to use as it is (it keeps its state for a later call); ``augment`` transforms each
-    batch after masking. Returns the metrics of each epoch.
+    batch after masking. Returns the metrics of each epoch. Under torchrun it trains in
+    DistributedDataParallel.
     """
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     if isinstance(optimizer, str):
         optimizer = continued_optimizer(optimizer, model, lr, momentum, weight_decay, optimizer_state)
+    trainer = distributed.wrap(model, device)
+    progress = progress and distributed.is_main()
     history = []
     for epoch in range(epochs):
         loader = make_loader(train_set, batch_size, shuffle=True, seed=seed * 100_003 + 50_000 + epoch,
                              num_workers=num_workers, device=device)
         history.append({"stage": desc, "epoch": epoch + 1,
-                        **train_epoch(model, loader, optimizer, device, f"{desc} epoch {epoch + 1}", progress,
+                        **train_epoch(trainer, loader, optimizer, device, f"{desc} epoch {epoch + 1}", progress,
                                      augment)})
+        distributed.broadcast_buffers(model)
     return history
