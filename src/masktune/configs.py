@@ -16,7 +16,8 @@ from typing import Callable
 from torch import nn
 
 from .augment import BatchAugment
-from .data import BiasedMNISTConfig, DataError, load_fashion_mnist, load_mnist, make_biased_mnist, masktune_home
+from .data import (BiasedMNISTConfig, DataError, MNISTArrays, load_fashion_mnist, load_mnist, make_biased_mnist,
+                   masktune_home)
 from .datasets import (holdout, load_celeba, load_cats_vs_dogs, load_cifar10, load_image_csv, load_in9l, load_svhn,
                        load_waterbirds)
 from .evaluation import bg_gap
@@ -43,7 +44,7 @@ def _augment(config: RunConfig, augment: BatchAugment) -> BatchAugment | None:
 
 # --- biased MNIST and biased Fashion-MNIST -------------------------------------------------------
 
-def _biased_data(load: Callable[[str | None], object], name: str) -> Callable[[RunConfig], ExperimentData]:
+def _biased_data(load: Callable[[str | None], MNISTArrays], name: str) -> Callable[[RunConfig], ExperimentData]:
     def build(config: RunConfig) -> ExperimentData:
         data = make_biased_mnist(load(config.data_dir), BiasedMNISTConfig(**config.data, seed=config.seed), name=name)
         return ExperimentData(data.train, data.val, {"original": data.test_original, "biased": data.test_biased},
@@ -60,7 +61,7 @@ def _small_cnn(config: RunConfig, num_classes: int) -> nn.Module:
     return SmallCNN(num_classes)
 
 
-def _register_biased(name: str, load: Callable[[str | None], object], what: str) -> None:
+def _register_biased(name: str, load: Callable[[str | None], MNISTArrays], what: str) -> None:
     """``name`` and its selective-classification variant ``name-selective``."""
     build = _biased_data(load, name)
     description = f"{what}, a coloured square on 99% of class 0 (SPEC.md section 2)"
@@ -77,7 +78,8 @@ _register_biased("biased-fashion-mnist", load_fashion_mnist,
 
 # --- Waterbirds, CelebA, the Background Challenge, any grouped image folder (ResNet-50) ----------
 
-def _resnet50(mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+def _resnet50(mean: tuple[float, ...] | None = None,
+              std: tuple[float, ...] | None = None) -> Callable[[RunConfig, int], nn.Module]:
     def build(config: RunConfig, num_classes: int) -> nn.Module:
         stats = {"mean": mean, "std": std} if mean is not None else {}
         return resnet50(num_classes, pretrained=config.pretrained, **stats)

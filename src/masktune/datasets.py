@@ -237,7 +237,7 @@ def scan_class_folders(folder: Path, classes: Sequence[str] | None = None) -> tu
     return paths, torch.tensor(labels, dtype=torch.long), classes
 
 
-IN9L_HOW = ("the Background Challenge (github.com/MadryLab/backgrounds_challenge) provides the test variants "
+IN9L_HOW = ("The Background Challenge (github.com/MadryLab/backgrounds_challenge) provides the test variants "
             "(bg_challenge/<variant>/val/<class>/) and the IN-9L training data; --data-dir must hold train/ and val/ "
             "(class folders such as 00_dog) and the test folders original, mixed_same, mixed_rand, mixed_next, each "
             "with class folders directly, in <variant>/val/, test/<variant>/val/ or bg_challenge/<variant>/val/")
