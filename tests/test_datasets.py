@@ -4,7 +4,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from dataset_fixtures import (CATS_VS_DOGS_COUNTS, CELEBA_COUNTS, IN9L_CLASSES, WATERBIRDS_COUNTS, colour,
+from dataset_fixtures import (CATS_VS_DOGS_COUNTS, CELEBA_COUNTS, WATERBIRDS_COUNTS, colour,
                               write_cats_vs_dogs, write_celeba, write_cifar10, write_image, write_image_csv, write_in9l,
                               write_svhn, write_waterbirds)
 from masktune.data import DataError

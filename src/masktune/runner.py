@@ -32,7 +32,7 @@ from .models import eval_mode, resolve_cam_layer
 from .rundir import MaskStore, RunLock, check_saved_config
 from .runlog import MetricsLog
 from .saliency import get_method
-from .training import ERMResult, TrainingError, check_labels, finetune, first_batch, labels_of, model_device, train_erm
+from .training import ERMResult, TrainingError, check_labels, first_batch, labels_of, model_device, train_erm
 
 
 def _note(message: str, progress: bool) -> None:
