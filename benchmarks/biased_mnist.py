@@ -33,9 +33,10 @@ def run_seed(experiment: str, seed: int, epochs: int, out: Path, extra: list[str
     return json.loads((out / f"seed{seed}" / "results.json").read_text()), wall, usage.ru_maxrss / 2**20
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], standard_error: bool = False) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):6.2f} +- {spread:4.2f}"
+    text = f"{statistics.mean(values):6.2f} +- {spread:4.2f}"
+    return text + f" (se {spread / len(values) ** 0.5:4.2f})" if standard_error else text
 
 
 def main() -> None:
@@ -48,14 +49,19 @@ def main() -> None:
     out = args.out or Path(f"runs/bench-{args.experiment}")
     runs = [run_seed(args.experiment, seed, args.epochs, out, extra) for seed in args.seeds]
     results = [r for r, _, _ in runs]
-    print(f"{args.experiment}, {args.epochs} ERM epochs, seeds {args.seeds} (accuracy %, mean +- std)")
+    print(f"{args.experiment}, {args.epochs} ERM epochs, seeds {args.seeds} "
+          "(accuracy %, mean +- std over seeds, se = standard error of the mean)")
     for method in results[0]["accuracy"]:
-        cells = [f"{test_set} {mean_std([r['accuracy'][method][test_set]['accuracy'] for r in results])}"
+        cells = [f"{test_set} {mean_std([r['accuracy'][method][test_set]['accuracy'] for r in results], True)}"
                  for test_set in results[0]["accuracy"][method]]
         print(f"  {method:9s} " + "   ".join(cells))
     if "masktune" in results[0]["masking"]:
-        for key in ("region_fully_covered_percent", "masked_inside_region_percent", "masked_pixels_per_image"):
-            print(f"  masktune masks {key}: {mean_std([r['masking']['masktune'][key] for r in results])}")
+        for key in ("region_fully_covered_percent", "aligned_region_fully_covered_percent",
+                    "conflicting_region_fully_covered_percent", "masked_inside_region_percent",
+                    "masked_pixels_per_image"):
+            values = [r["masking"]["masktune"][key] for r in results if key in r["masking"]["masktune"]]
+            if values:
+                print(f"  masktune masks {key}: {mean_std(values)}")
     if "selective" in results[0]:
         by_test_set = [r.get("selective_by_test_set") or {r["selective"]["erm"]["test_set"]: r["selective"]}
                        for r in results]

@@ -44,6 +44,22 @@ def test_mask_diagnostics_hand_computed():
     assert set(mask_diagnostics(masks)) == {"masked_percent", "masked_pixels_per_image"}
 
 
+def test_mask_diagnostics_split_aligned_and_conflicting_images():
+    region = torch.zeros(4, 4, dtype=torch.bool)
+    region[0, :2] = True
+    masks = torch.zeros(6, 4, 4, dtype=torch.bool)
+    masks[[0, 1, 3], 0, :2] = True  # whole region on two of three class-0 images and one class-1 image
+    masks[2, 0, 0] = True  # half of it
+    spurious = torch.tensor([True, True, True, True, True, False])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])  # the feature comes mostly with class 0
+    result = mask_diagnostics(masks, spurious, region, labels)
+    assert result["region_fully_covered_percent"] == pytest.approx(100 * 3 / 5)
+    assert result["aligned_region_fully_covered_percent"] == pytest.approx(100 * 2 / 3)
+    assert result["conflicting_region_fully_covered_percent"] == pytest.approx(50.0)
+    only_aligned = mask_diagnostics(masks[:3], spurious[:3], region, labels[:3])
+    assert "conflicting_region_fully_covered_percent" not in only_aligned
+
+
 def test_group_metrics_wilds_contract_weighted_average_and_empty_group():
     from masktune.evaluation import group_counts
 

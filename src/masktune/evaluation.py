@@ -98,14 +98,19 @@ def bg_gap(metrics: Mapping[str, dict]) -> dict[str, float]:
 
 
 def mask_diagnostics(masks: torch.Tensor, spurious: torch.Tensor | None = None,
-                     region: torch.Tensor | None = None) -> dict[str, float]:
+                     region: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
     """How much the masks hide, and how much of the spurious ``region`` [H, W] they cover.
 
     ``masked_percent``: masked pixels over all pixels. With ``region`` and the per-image
     ``spurious`` flag, over the images that carry the feature: ``region_coverage_percent`` (mean
     share of the region's pixels masked), ``region_fully_covered_percent`` (images whose whole
     region is masked) and ``masked_inside_region_percent`` (share of their masked pixels that lie
-    in the region).
+    in the region). With ``labels`` too, the images that carry the feature are split into
+    *aligned* ones (their label is the one the feature mostly comes with: the shortcut) and
+    *conflicting* ones, and ``aligned_region_fully_covered_percent`` and
+    ``conflicting_region_fully_covered_percent`` say how often each has its whole region masked.
+    A model that uses the shortcut but recognises the conflicting images by other features should
+    mask the region on the aligned images only.
     """
     per_image = masks.flatten(1).sum(1).float()
     result = {
@@ -114,10 +119,17 @@ def mask_diagnostics(masks: torch.Tensor, spurious: torch.Tensor | None = None,
     }
     if region is None or spurious is None or not spurious.any():
         return result
-    carried = masks[spurious.bool()]
-    inside = (carried & region).flatten(1).sum(1).float()
-    masked = carried.flatten(1).sum(1).float()
+    carried = spurious.bool()
+    inside = (masks[carried] & region).flatten(1).sum(1).float()
+    masked = per_image[carried]
+    full = inside == region.sum()
     result["region_coverage_percent"] = 100.0 * (inside / region.sum()).mean().item()
-    result["region_fully_covered_percent"] = 100.0 * (inside == region.sum()).float().mean().item()
+    result["region_fully_covered_percent"] = 100.0 * full.float().mean().item()
     result["masked_inside_region_percent"] = 100.0 * inside.sum().item() / max(masked.sum().item(), 1.0)
+    if labels is not None:
+        carried_labels = labels[carried]
+        aligned = carried_labels == carried_labels.mode().values
+        for name, share in (("aligned", aligned), ("conflicting", ~aligned)):
+            if share.any():
+                result[f"{name}_region_fully_covered_percent"] = 100.0 * full[share].float().mean().item()
     return result

@@ -218,6 +218,7 @@ class _Run:
         self.model.load_state_dict(erm.best.model)
         models, diagnostics, history = {"erm": self.model}, {}, list(erm.history)
         spurious = getattr(self.train, "metadata", {}).get("spurious")
+        labels = labels_of(self.train) if spurious is not None and self.data.feature_region is not None else None
         for method in ("randmask", "masktune"):
             if method not in config.methods:
                 continue
@@ -228,12 +229,12 @@ class _Run:
                 masks = self.masks()
                 masks.save(self.out / "masks" / "masktune.pt")
                 masks = masks.unpack()
-            diagnostics[method] = mask_diagnostics(masks, spurious, self.data.feature_region)
+            diagnostics[method] = mask_diagnostics(masks, spurious, self.data.feature_region, labels)
             models[method], method_history = self.finetuned(method, masks, erm)
             history.extend(method_history)
             for later in sorted((self.out / "masks").glob(f"{method}_iteration*.pt")):
                 diagnostics[later.stem] = mask_diagnostics(MaskSet.load(later).unpack(), spurious,
-                                                           self.data.feature_region)
+                                                           self.data.feature_region, labels)
         accuracies, extra = self.evaluated(models)
         if self.log is not None:
             self.log.close()
