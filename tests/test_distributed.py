@@ -71,7 +71,8 @@ def assert_masks_are_the_single_process_masks(out, model, tiny_run):
     config = make_config("biased-mnist", {"data_dir": str(tiny_run.data_dir), "data.val_size": "100"})
     train = get_experiment("biased-mnist").build_data(config).train.subset(300)
     model.load_state_dict(load(out, "erm_best"))
-    assert torch.equal(MaskStore(out / "masks" / "masktune").load_all(), compute_masks(model, train, progress=False).unpack())
+    assert torch.equal(MaskStore(out / "masks" / "masktune").load_all().unpack(),
+                       compute_masks(model, train, progress=False).unpack())
 
 
 def test_two_gloo_processes_match_one_process(tiny_run, reference_run, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from masktune import group_metrics, mask_diagnostics
+from masktune import MaskSet, group_metrics, mask_diagnostics
 
 
 def test_group_metrics_hand_computed():
@@ -42,6 +42,21 @@ def test_mask_diagnostics_hand_computed():
     assert result["region_fully_covered_percent"] == pytest.approx(50.0)
     assert result["masked_inside_region_percent"] == pytest.approx(100 * 5 / 6)
     assert set(mask_diagnostics(masks)) == {"masked_percent", "masked_pixels_per_image"}
+    assert mask_diagnostics(MaskSet.from_bool(masks), spurious, region) == result
+
+
+def test_mask_diagnostics_of_a_mask_set_in_several_chunks_match_a_brute_force_count():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(9000, 3, 5, generator=generator) > 0.7  # more images than one chunk of 4096
+    spurious = torch.rand(9000, generator=generator) > 0.5
+    region = torch.zeros(3, 5, dtype=torch.bool)
+    region[0, :2] = True
+    result = mask_diagnostics(MaskSet.from_bool(masks), spurious, region)
+    masked = sum(int(m.sum()) for m in masks)
+    carried = [m for m, s in zip(masks, spurious) if s]
+    full = sum(bool(m[0, 0] and m[0, 1]) for m in carried)
+    assert result["masked_pixels_per_image"] == pytest.approx(masked / 9000)
+    assert result["region_fully_covered_percent"] == pytest.approx(100 * full / len(carried))
 
 
 def test_mask_diagnostics_split_aligned_and_conflicting_images():

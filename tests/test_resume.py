@@ -12,7 +12,8 @@ from torch import nn
 
 from masktune import runner, train_erm
 from masktune.cli import main
-from masktune.rundir import MaskStore, RunLock
+from masktune.masksets import MaskSet
+from masktune.rundir import MaskStore, RunDirError, RunLock
 
 # Runs masktune's CLI and SIGKILLs itself at the point named by KILL_AT: "train:<epoch description>"
 # kills after two batches of that epoch, "masking" when the second mask chunk starts.
@@ -67,8 +68,7 @@ def assert_same_run(out, reference):
         sa, sb = (torch.load(d / "checkpoints" / f"{name}.pt") for d in (out, reference))
         sa, sb = (s.get("model", s) for s in (sa, sb))  # ERM checkpoints hold more than the model
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
-    assert torch.equal(MaskStore(out / "masks" / "masktune").load_all(),
-                       MaskStore(reference / "masks" / "masktune").load_all())
+    assert MaskStore(out / "masks" / "masktune").load_all() == MaskStore(reference / "masks" / "masktune").load_all()
 
 
 @pytest.mark.parametrize("point", ["train:ERM epoch 2", "masking", "train:masktune epoch 1"])
@@ -172,13 +172,26 @@ def test_train_erm_resumes_epoch_by_epoch_with_the_random_state(tmp_path):
 
 
 def test_mask_chunks_round_trip_bit_packed(tmp_path):
-    masks = torch.rand(10, 5, 13) > 0.5  # a width that is not a multiple of 8
+    masks = torch.rand(10, 5, 13) > 0.5  # 65 pixels: not a multiple of 8
     store = MaskStore(tmp_path)
     assert store.load(0, 6) is None
-    store.save(0, 6, masks[:6])
-    store.save(6, 10, masks[6:])
-    assert torch.equal(store.load(6, 10), masks[6:]) and torch.equal(store.load_all(), masks)
-    assert torch.load(tmp_path / "000000000-000000006.pt")["bits"].shape == (6, 5, 2)  # 8 pixels a byte
+    store.save(0, 6, MaskSet.from_bool(masks[:6], layer="block4"))
+    store.save(6, 10, MaskSet.from_bool(masks[6:], layer="block4"))
+    assert torch.equal(store.load(6, 10).unpack(), masks[6:])
+    whole = store.load_all()
+    assert torch.equal(whole.unpack(), masks) and whole.meta == {"layer": "block4"}
+    assert torch.load(tmp_path / "000000000-000000006.pt")["packed"].shape == (6, 9)  # ceil(65 / 8) bytes a mask
+
+
+def test_mask_chunk_of_other_settings_or_damaged_is_refused(tmp_path):
+    store = MaskStore(tmp_path)
+    store.save(0, 4, MaskSet.from_bool(torch.rand(4, 5, 5) > 0.5, model_fingerprint="a"))
+    assert store.load(0, 4, expect={"model_fingerprint": "a"}) is not None
+    with pytest.raises(RunDirError, match="delete that folder"):
+        store.load(0, 4, expect={"model_fingerprint": "b"})
+    (tmp_path / "000000004-000000008.pt").write_bytes(b"half a file")
+    with pytest.raises(RunDirError, match="damaged"):
+        store.load(4, 8)
 
 
 def test_unwritable_run_directory_is_explained(tmp_path, capsys):

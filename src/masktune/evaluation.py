@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .masksets import MaskSet
 from .training import labels_of, predict
 
 
@@ -97,10 +98,24 @@ def bg_gap(metrics: Mapping[str, dict]) -> dict[str, float]:
     return {"bg_gap": metrics["mixed_same"]["accuracy"] - metrics["mixed_rand"]["accuracy"]}
 
 
-def mask_diagnostics(masks: torch.Tensor, spurious: torch.Tensor | None = None,
+def _masked_counts(masks: MaskSet | torch.Tensor, region: torch.Tensor | None,
+                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per image: the number of masked pixels, and of those inside ``region`` (one chunk of masks
+    unpacked at a time)."""
+    totals, insides = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for start in range(0, len(masks), chunk):
+        block = masks[start:start + chunk]
+        totals.append(block.flatten(1).sum(1))
+        if region is not None:
+            insides.append((block & region).flatten(1).sum(1))
+    return torch.cat(totals).float(), torch.cat(insides).float() if region is not None else None
+
+
+def mask_diagnostics(masks: MaskSet | torch.Tensor, spurious: torch.Tensor | None = None,
                      region: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
     """How much the masks hide, and how much of the spurious ``region`` [H, W] they cover.
 
+    ``masks`` is a :class:`~masktune.MaskSet` or a bool tensor [N, H, W].
     ``masked_percent``: masked pixels over all pixels. With ``region`` and the per-image
     ``spurious`` flag, over the images that carry the feature: ``region_coverage_percent`` (mean
     share of the region's pixels masked), ``region_fully_covered_percent`` (images whose whole
@@ -112,15 +127,16 @@ def mask_diagnostics(masks: torch.Tensor, spurious: torch.Tensor | None = None,
     A model that uses the shortcut but recognises the conflicting images by other features should
     mask the region on the aligned images only.
     """
-    per_image = masks.flatten(1).sum(1).float()
+    has_feature = region is not None and spurious is not None and bool(spurious.any())
+    per_image, inside_all = _masked_counts(masks, region if has_feature else None)
     result = {
-        "masked_percent": 100.0 * per_image.mean().item() / masks[0].numel(),
+        "masked_percent": 100.0 * per_image.mean().item() / (masks.shape[-2] * masks.shape[-1]),
         "masked_pixels_per_image": per_image.mean().item(),
     }
-    if region is None or spurious is None or not spurious.any():
+    if not has_feature:
         return result
     carried = spurious.bool()
-    inside = (masks[carried] & region).flatten(1).sum(1).float()
+    inside = inside_all[carried]
     masked = per_image[carried]
     full = inside == region.sum()
     result["region_coverage_percent"] = 100.0 * (inside / region.sum()).mean().item()

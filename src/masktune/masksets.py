@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -74,6 +74,18 @@ class MaskSet:
     def from_bool(cls, masks: torch.Tensor, **meta: Any) -> MaskSet:
         """Pack bool masks [N, H, W]; keyword arguments become metadata."""
         return cls(pack_bits(masks).cpu(), *masks.shape[-2:], meta)
+
+    @classmethod
+    def concatenate(cls, sets: Sequence[MaskSet]) -> MaskSet:
+        """The masks of ``sets``, one set after another; all must have the same mask size and metadata."""
+        if not sets:
+            raise MaskSetError("there are no mask sets to concatenate")
+        first = sets[0]
+        for other in sets[1:]:
+            if (other.height, other.width, other.meta) != (first.height, first.width, first.meta):
+                raise MaskSetError(f"cannot concatenate mask sets of {first.height} x {first.width} masks "
+                                   f"({first.meta}) and {other.height} x {other.width} masks ({other.meta})")
+        return cls(torch.cat([s.packed for s in sets]), first.height, first.width, first.meta)
 
     def __len__(self) -> int:
         return len(self.packed)

@@ -9,12 +9,10 @@ import os
 import socket
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Mapping
 
-import numpy as np
-import torch
-
-from ._io import load_torch, save_torch
 from .errors import MaskTuneError
+from .masksets import MaskSet, MaskSetError
 
 # Settings that do not change a run's results: a run may resume with other values.
 RESUMABLE_CHANGES = ("out", "num_workers")
@@ -108,8 +106,9 @@ def check_saved_config(folder: Path, config: dict) -> bool:
 
 
 class MaskStore:
-    """Masks of one method, saved as bit-packed chunks ``<start>-<stop>.pt`` of consecutive images,
-    each written atomically once computed, so a killed masking stage resumes after its last chunk."""
+    """Masks of one method, saved as :class:`~masktune.MaskSet` chunks ``<start>-<stop>.pt`` of
+    consecutive images, each written atomically once computed, so a killed masking stage resumes
+    after its last chunk. Chunks stay bit-packed from computation to the finished set."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -117,22 +116,31 @@ class MaskStore:
     def _path(self, start: int, stop: int) -> Path:
         return self.folder / f"{start:09d}-{stop:09d}.pt"
 
-    def save(self, start: int, stop: int, masks: torch.Tensor) -> None:
-        """Save the bool masks [stop - start, H, W] of images ``start .. stop - 1``."""
-        bits = np.packbits(masks.numpy(), axis=-1)
-        save_torch({"bits": torch.from_numpy(bits), "width": masks.shape[-1]}, self._path(start, stop))
+    def save(self, start: int, stop: int, masks: MaskSet) -> None:
+        """Save the masks of images ``start .. stop - 1``."""
+        if len(masks) != stop - start:
+            raise RunDirError(f"{len(masks)} masks given for images {start}..{stop - 1}")
+        masks.save(self._path(start, stop))
 
-    def load(self, start: int, stop: int) -> torch.Tensor | None:
-        """The masks of images ``start .. stop - 1`` when that chunk was saved, else ``None``."""
+    def load(self, start: int, stop: int, expect: Mapping[str, Any] | None = None) -> MaskSet | None:
+        """The masks of images ``start .. stop - 1`` when that chunk was saved, else ``None``; a chunk
+        whose metadata differs from ``expect`` (e.g. another model's masks) is refused."""
         path = self._path(start, stop)
         if not path.is_file():
             return None
-        saved = load_torch(path)
-        return torch.from_numpy(np.unpackbits(saved["bits"].numpy(), axis=-1, count=saved["width"]).astype(bool))
+        try:
+            masks = MaskSet.load(path, expect=expect)
+        except MaskSetError as error:
+            raise RunDirError(f"{error}. The saved masks in {self.folder} cannot be used: delete that folder and "
+                              "run the same command again to recompute them") from None
+        if len(masks) != stop - start:
+            raise RunDirError(f"{path} holds {len(masks)} masks, not {stop - start}; delete {self.folder} and run "
+                              "the same command again to recompute them")
+        return masks
 
-    def load_all(self) -> torch.Tensor:
+    def load_all(self) -> MaskSet:
         """All saved masks in image order (the chunks must cover ``0 .. N - 1`` without gaps)."""
         spans = sorted(tuple(int(x) for x in path.stem.split("-")) for path in self.folder.glob("*-*.pt"))
         if not spans or spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
             raise RunDirError(f"{self.folder} does not hold a complete set of masks; run the experiment to finish it")
-        return torch.cat([self.load(start, stop) for start, stop in spans])
+        return MaskSet.concatenate([self.load(start, stop) for start, stop in spans])

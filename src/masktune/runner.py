@@ -110,30 +110,33 @@ class _Run:
 
     def masks(self) -> MaskSet:
         """MaskTune's masks of the training set from the best ERM model, chunk by chunk (or the mask
-        set given by ``config.masks``, checked against this run's data and model)."""
+        set given by ``config.masks``, checked against this run's data and model). The masks stay
+        bit-packed throughout."""
         if self.reused is not None:
             self.reused.check(model=self.model, source=self.config.masks)
             return self.reused
         meta = {**self.mask_meta, "model_fingerprint": model_fingerprint(self.model)}
+        height, width = self.train[0][0].shape[-2:]
         store = MaskStore(self.out / "masks" / "masktune")
         n, size = len(self.train), self.config.mask_chunk
         chunks = []
         for start in tqdm(range(0, n, size), desc="masking", unit="chunk", disable=not self.progress, leave=False):
             stop = min(start + size, n)
-            chunk = store.load(start, stop)
+            chunk = store.load(start, stop, expect=meta)
             self.resumed |= chunk is not None
             if chunk is None:
                 with self.timer("masking"):
-                    chunk = distributed.map_shards(self._compute_masks, Subset(self.train, range(start, stop)))
+                    packed = distributed.map_shards(self._compute_masks, Subset(self.train, range(start, stop)))
+                chunk = MaskSet(packed, height, width, meta)
                 if distributed.is_main():
                     store.save(start, stop, chunk)
             chunks.append(chunk)
         distributed.barrier()
-        return MaskSet.from_bool(torch.cat(chunks), **meta)
+        return MaskSet.concatenate(chunks)
 
     def _compute_masks(self, images: Dataset) -> torch.Tensor:
         return compute_masks(self.model, images, self.layer, device=self.device, num_workers=self.config.num_workers,
-                             progress=False, **self.mask_settings).unpack()
+                             progress=False, **self.mask_settings).packed
 
     def finetuned(self, method: str, masks: MaskSet | torch.Tensor, erm: ERMResult) -> tuple[nn.Module, list[dict]]:
         """The last ERM model finetuned on the training set under ``masks`` (MaskTune: for
@@ -228,12 +231,11 @@ class _Run:
             else:
                 masks = self.masks()
                 masks.save(self.out / "masks" / "masktune.pt")
-                masks = masks.unpack()
             diagnostics[method] = mask_diagnostics(masks, spurious, self.data.feature_region, labels)
             models[method], method_history = self.finetuned(method, masks, erm)
             history.extend(method_history)
             for later in sorted((self.out / "masks").glob(f"{method}_iteration*.pt")):
-                diagnostics[later.stem] = mask_diagnostics(MaskSet.load(later).unpack(), spurious,
+                diagnostics[later.stem] = mask_diagnostics(MaskSet.load(later), spurious,
                                                            self.data.feature_region, labels)
         accuracies, extra = self.evaluated(models)
         if self.log is not None:
