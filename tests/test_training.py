@@ -114,3 +114,40 @@ def test_augment_transforms_every_training_batch_and_adam_is_available():
     assert batches == [16] * 12  # every batch of every epoch
     # the model learnt the mirrored rule, so it is wrong on the unmirrored images
     assert (predict(model, train).argmax(1) == train.labels).float().mean() < 0.2
+
+
+class TwoChannels(Bright):
+    """Bright with its channel twice (with one channel, both layouts are the same strides)."""
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        return image.repeat(2, 1, 1), label
+
+
+class Recorder(nn.Module):
+    """A conv net recording whether each training batch came channels-last; with
+    ``needs_contiguous`` it flattens with ``view``, which channels-last input breaks."""
+
+    def __init__(self, needs_contiguous: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(2, 4, 3), nn.Linear(4 * 4 * 4, 2)
+        self.needs_contiguous = needs_contiguous
+        self.layouts = []
+
+    def forward(self, x):
+        if self.training:
+            self.layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        x = self.conv(x).relu()
+        return self.fc(x.view(len(x), -1) if self.needs_contiguous else x.flatten(1))
+
+
+def test_training_feeds_channels_last_batches_only_to_models_that_accept_them():
+    train, val = TwoChannels(64), TwoChannels(32, seed=1)
+    for needs_contiguous in (False, True):
+        model = Recorder(needs_contiguous)
+        result = train_erm(model, train, val, epochs=2, lr=0.05, batch_size=16, progress=False)
+        assert model.layouts == [not needs_contiguous] * 8
+        assert result.history[-1]["val_accuracy"] > 70
+    with pytest.raises(RuntimeError, match="view"):
+        model(train.images[:4].repeat(1, 2, 1, 1).contiguous(memory_format=torch.channels_last))

@@ -143,6 +143,11 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (see :func:`wrap`), or ``model`` itself."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def shard_range(n: int, shard: int | None = None, shards: int | None = None) -> range:
     """The contiguous part of ``range(n)`` that process ``shard`` of ``shards`` handles (default: this one)."""
     shard = rank() if shard is None else shard

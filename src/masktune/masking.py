@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .errors import MaskTuneError
 from .masksets import MaskSet, MaskSetError, model_fingerprint, pack_bits
-from .models import eval_mode, resolve_cam_layer
+from .models import eval_mode, fastest_memory_format, resolve_cam_layer
 from .saliency import CAM, get_method, saliency_maps
 from .training import continued_optimizer, finetune, first_batch, make_loader, model_device
 
@@ -149,7 +149,7 @@ def compute_masks(
     layer_name, _ = resolve_cam_layer(model, layer, example)
     folded = fold_batchnorm(model, keep=layer_name)
     cam_layer = folded.get_submodule(layer_name)
-    memory_format = _fastest_memory_format(folded, example)
+    memory_format = fastest_memory_format(folded, example)
     packed = []
     loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
     for images, *_ in tqdm(loader, desc="masking", unit="batch", disable=not progress, leave=False):
@@ -185,17 +185,6 @@ def fold_batchnorm(model: nn.Module, keep: str = "") -> nn.Module:
                 parent, _, attribute = name.rpartition(".")
                 setattr(folded.get_submodule(parent), attribute, module)
     return folded
-
-
-def _fastest_memory_format(model: nn.Module, example: torch.Tensor) -> torch.memory_format:
-    """channels_last (much faster convolutions and pooling, on CPUs and GPUs) when the model accepts
-    it; some models ``view`` their feature maps, which only works on contiguous tensors."""
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(example.contiguous(memory_format=torch.channels_last))
-    except RuntimeError:
-        return torch.contiguous_format
-    return torch.channels_last
 
 
 def random_square_masks(

@@ -18,7 +18,7 @@ from . import distributed
 from ._io import load_torch, save_torch
 from .data import DataError
 from .errors import MaskTuneError
-from .models import eval_mode
+from .models import eval_mode, fastest_memory_format
 
 
 class TrainingError(MaskTuneError, RuntimeError):
@@ -176,11 +176,14 @@ def train_epoch(
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
+    memory_format = None
     for images, labels, *_ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
         if augment is not None:
             images = augment(images)
-        logits = model(images)
+        if memory_format is None:
+            memory_format = fastest_memory_format(distributed.unwrap(model), images[:1])
+        logits = model(images.contiguous(memory_format=memory_format))
         labels = torch.as_tensor(labels)
         check_labels(labels, logits.shape[1], "training")  # on the host: no device sync
         labels = labels.to(device, non_blocking=True)
@@ -210,9 +213,13 @@ def predict(
     """Logits of ``model`` (in eval mode) for every sample of ``dataset``, as a CPU tensor [N, classes]."""
     device = torch.device(device) if device is not None else model_device(model)
     outputs = []
+    memory_format = None
     with eval_mode(model):
         for images, *_ in make_loader(dataset, batch_size, num_workers=num_workers, device=device):
-            outputs.append(model(images.to(device, non_blocking=True)).float().cpu())
+            images = images.to(device, non_blocking=True)
+            if memory_format is None:
+                memory_format = fastest_memory_format(model, images[:1])
+            outputs.append(model(images.contiguous(memory_format=memory_format)).float().cpu())
     return torch.cat(outputs)
 
 
