@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .errors import MaskTuneError
 from .masksets import MaskSet, MaskSetError, model_fingerprint, pack_bits
-from .models import eval_mode, fastest_memory_format, resolve_cam_layer
+from .models import fastest_memory_format, resolve_cam_layer
 from .saliency import CAM, get_method, saliency_maps
 from .training import continued_optimizer, finetune, first_batch, make_loader, model_device
 
