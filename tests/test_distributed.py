@@ -10,9 +10,9 @@ from torch import nn
 
 from masktune import compute_masks
 from masktune.cli import main
-from masktune.experiments import EXPERIMENTS, Experiment, get_experiment, make_config
-from masktune.rundir import MaskStore
-from masktune.training import EpochBatches
+from masktune.pipeline import EXPERIMENTS, Experiment, get_experiment, make_config
+from masktune.pipeline.rundir import MaskStore
+from masktune.data.loader import EpochBatches
 
 # Accuracy points by which a 2-process run may differ from a 1-process one. With BatchNorm each
 # process normalises its half of every batch and keeps rank 0's running statistics; without it the
@@ -26,7 +26,7 @@ sys.path.insert(0, {tests!r})
 from test_distributed import plain_experiment
 from masktune import distributed
 from masktune.cli import main
-from masktune.experiments import register
+from masktune.pipeline import register
 register(plain_experiment())
 with distributed.session():
     sys.exit(max(main(argv) for argv in {runs!r}))

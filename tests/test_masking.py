@@ -7,13 +7,14 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from masktune import (MaskedDataset, MaskSet, compute_masks, make_rule, masktune_finetune, model_fingerprint,
-                      random_square_masks, threshold_masks, train_erm)
-from masktune.data import ImageDataset
+from masktune import (MaskedDataset, MaskSet, compute_masks, make_rule, masktune_finetune, random_square_masks,
+                      threshold_masks, train_erm)
+from masktune.masks import model_fingerprint
+from masktune.data import BatchAugment, ImageDataset
 from masktune.errors import MaskTuneError
-from masktune.masking import fold_batchnorm
+from masktune.models import fold_batchnorm
 from masktune.saliency import saliency_maps
-from masktune.training import continued_optimizer, finetune
+from masktune.training import TrainSettings, finetune, make_optimizer
 
 
 def test_rule_hand_computed():
@@ -107,8 +108,6 @@ def test_masked_dataset_zeroes_every_channel_and_keeps_the_rest():
     assert torch.equal(data[0][0], images[0])
     batch = data.__getitems__([1, 3])
     assert torch.equal(batch[0][0], image)
-    shifted = MaskedDataset(Pairs(images, torch.arange(4)), masks, transform=lambda x: x - 1)
-    assert (shifted[1][0][:, 2, 3] == -1).all()  # the transform runs after masking
 
 
 def test_masked_dataset_takes_a_mask_set():
@@ -225,14 +224,20 @@ def patch_images(n=8, size=16, side=4, seed=0):
 
 def test_random_crop_after_masking_keeps_masks_on_their_pixels():
     images, masks = patch_images()
-    data = MaskedDataset(Pairs(images, torch.arange(8)), MaskSet.from_bool(masks),
-                         transform=transforms.RandomCrop(16, padding=4))
+    data = MaskedDataset(Pairs(images, torch.arange(8) % 2), MaskSet.from_bool(masks))
+    crop, seen = BatchAugment(pad_crop=4), []
+
+    def augment(batch):
+        seen.append(crop(batch))
+        return seen[-1]
+
     torch.manual_seed(0)
-    for i in range(8):
-        for _ in range(5):
-            image = data[i][0]
-            assert not (image == 1.0).any()  # the whole square is masked, wherever the crop moved it
-            assert ((image == 0.5) | (image == 0)).all()
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 2))
+    finetune(model, data, TrainSettings(batch_size=4, augment=augment, progress=False), epochs=5)
+    assert len(seen) == 10
+    for batch in seen:  # the augmentation runs on each training batch, after masking
+        # the whole square is masked, wherever the shift moved it: grey, or zero (mask or padding)
+        assert (((batch - 0.5).abs() < 1e-4) | (batch.abs() < 1e-4)).all()
 
 
 def test_a_random_crop_before_masking_would_misalign_them():
@@ -266,7 +271,7 @@ def tiny_task(n=48):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 2))
     train = ImageDataset(images, labels)
-    erm = train_erm(model, train, epochs=1, lr=0.05, batch_size=16, progress=False)
+    erm = train_erm(model, train, settings=TrainSettings(lr=0.05, batch_size=16, progress=False), epochs=1)
     return model, train, erm
 
 
@@ -274,20 +279,21 @@ def tiny_task(n=48):
 def test_iterative_masktune_remasks_with_the_finetuned_model(accumulate):
     model, train, erm = tiny_task()
     first = compute_masks(model, train, "1", progress=False)
-    args = dict(batch_size=16, progress=False)
+    settings = TrainSettings(lr=0.05, batch_size=16, progress=False)
     tuned = copy.deepcopy(model)
-    result = masktune_finetune(tuned, train, first, iterations=3, accumulate=accumulate, layer="1", lr=0.05,
-                               optimizer_state=erm.last.optimizer, **args)
+    result = masktune_finetune(tuned, train, first, settings, iterations=3, accumulate=accumulate, layer="1",
+                               optimizer_state=erm.last.optimizer)
 
     reference = copy.deepcopy(model)  # the same steps, spelled out
-    optimizer = continued_optimizer("sgd", reference, 0.05, state=erm.last.optimizer)
+    optimizer = make_optimizer(reference, settings, erm.last.optimizer)
     masks = first
     for iteration in range(3):
         if iteration:
             new = compute_masks(reference, MaskedDataset(train, masks) if accumulate else train, "1", progress=False)
             masks = MaskSet.from_bool(masks.unpack() | new.unpack()) if accumulate else new
         assert torch.equal(result.masks[iteration].unpack(), masks.unpack())
-        finetune(reference, MaskedDataset(train, masks), optimizer=optimizer, seed=iteration, **args)
+        finetune(reference, MaskedDataset(train, masks), TrainSettings(batch_size=16, seed=iteration, progress=False),
+                 optimizer=optimizer, desc="masktune")
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), reference.state_dict().values()))
     assert [h["iteration"] for h in result.history] == [1, 2, 3]
     assert not torch.equal(result.masks[1].unpack(), first.unpack())  # the finetuned model looks elsewhere

@@ -3,8 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from masktune import MaskSet, model_fingerprint
-from masktune.masksets import MaskSetError, pack_bits, unpack_bits
+from masktune import MaskSet
+from masktune.masks import model_fingerprint
+from masktune.errors import MaskSetError
+from masktune.masks import pack_bits, unpack_bits
 
 
 class Images(torch.utils.data.Dataset):

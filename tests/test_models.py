@@ -1,10 +1,12 @@
+from collections import OrderedDict
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from masktune import SmallCNN, resolve_cam_layer
-from masktune.models import LayerError
+from masktune.errors import LayerError
 
 
 def test_small_cnn_shapes_and_cam_layer():
@@ -23,7 +25,24 @@ def test_automatic_layer_is_last_spatial_non_pooling_layer():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     assert resolve_cam_layer(model, None, torch.rand(1, 3, 10, 10))[0] == "1"
     resnet = torchvision.models.resnet18(num_classes=3)
-    assert resolve_cam_layer(resnet, None, torch.rand(1, 3, 64, 64))[0] == "layer4"
+    # the last residual block: its output is no single layer's (the block adds its shortcut)
+    assert resolve_cam_layer(resnet, None, torch.rand(1, 3, 64, 64))[0] == "layer4.1"
+
+
+def test_automatic_layer_is_a_leaf_never_a_pooled_output():
+    conv = lambda: nn.Conv2d(3, 4, 3)  # noqa: E731
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    x = torch.rand(1, 3, 10, 10)
+    # a block ending in pooling: its output is pooled, so the ReLU inside it, not the block
+    blocks = nn.Sequential(OrderedDict(features=nn.Sequential(conv(), nn.ReLU(), nn.MaxPool2d(2)), head=head))
+    assert resolve_cam_layer(blocks, None, x)[0] == "features.1"
+    # a parameter-free layer on a pooled map (dropout) is still pooled
+    dropout = nn.Sequential(conv(), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout2d(0.1), head)
+    assert resolve_cam_layer(dropout, None, x)[0] == "1"
+    # an in-place ReLU returns its input tensor with new values: the ReLU, not the convolution before it
+    inplace = nn.Sequential(OrderedDict(block=nn.Sequential(conv(), nn.ReLU(inplace=True)), pool=nn.MaxPool2d(2),
+                                        head=head))
+    assert resolve_cam_layer(inplace, None, x)[0] == "block.1"
 
 
 def test_layer_given_as_name_or_module():

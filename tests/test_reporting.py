@@ -18,13 +18,14 @@ from torch import nn
 
 from masktune import saliency_maps, threshold_masks
 from masktune.cli import main
-from masktune.masking import make_rule
+from masktune.masks import make_rule
 from masktune.data import ImageDataset
-from masktune.figures import (accuracy_figure, png_bytes, risk_coverage_figure, saliency_grid, saliency_panels,
+from masktune.report.figures import (accuracy_figure, png_bytes, risk_coverage_figure, saliency_grid, saliency_panels,
                               training_figure)
 from masktune.models import SmallCNN
-from masktune.reporting import ReportError, load_run, training_groups, write_report
-from masktune.runlog import MetricsLog
+from masktune.errors import ReportError
+from masktune.report.report import load_run, training_groups, write_report
+from masktune.pipeline.rundir import MetricsLog
 
 FIGURES = ("attention", "accuracy", "training")
 

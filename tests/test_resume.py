@@ -10,16 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from masktune import runner, train_erm
+from masktune import TrainSettings, train_erm
+from masktune.pipeline import runner
 from masktune.cli import main
-from masktune.masksets import MaskSet
-from masktune.rundir import MaskStore, RunDirError, RunLock
+from masktune.masks import MaskSet
+from masktune.errors import RunDirError
+from masktune.pipeline.rundir import MaskStore, RunLock
 
 # Runs masktune's CLI and SIGKILLs itself at the point named by KILL_AT: "train:<epoch description>"
 # kills after two batches of that epoch, "masking" when the second mask chunk starts.
 KILLER = r"""
 import os, signal, sys
-import masktune.runner as runner, masktune.training as training
+import masktune.pipeline.stages as stages, masktune.training as training
 
 point = os.environ["KILL_AT"]
 
@@ -40,7 +42,7 @@ if point.startswith("train:"):
 
     training.train_epoch = train_epoch
 else:
-    original_masks, calls = runner.compute_masks, []
+    original_masks, calls = stages.compute_masks, []
 
     def compute_masks(*args, **kwargs):
         calls.append(1)
@@ -48,7 +50,7 @@ else:
             kill()
         return original_masks(*args, **kwargs)
 
-    runner.compute_masks = compute_masks
+    stages.compute_masks = compute_masks
 
 from masktune.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -103,7 +105,7 @@ def test_finished_run_is_reloaded_not_rerun(tiny_run, reference_run, monkeypatch
     def no_rerun(*args, **kwargs):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(runner, "_Run", no_rerun)
+    monkeypatch.setattr(runner, "_run", no_rerun)
     assert main(tiny_run.args(reference_run)) == 0
     printed = capsys.readouterr().out
     assert "masktune" in printed and f"{results(reference_run)['accuracy']['masktune']['biased']['accuracy']:.2f}" in printed
@@ -158,13 +160,13 @@ def dropout_model():
 
 def test_train_erm_resumes_epoch_by_epoch_with_the_random_state(tmp_path):
     """Dropout draws from the global random state: a resumed run must replay the same draws."""
-    args = dict(epochs=4, lr=0.05, batch_size=16, progress=False)
-    full = train_erm(dropout_model(), Bright(96), Bright(32), checkpoint_dir=tmp_path / "full", **args)
+    settings = TrainSettings(lr=0.05, batch_size=16, progress=False)
+    full = train_erm(dropout_model(), Bright(96), Bright(32), settings, epochs=4, checkpoint_dir=tmp_path / "full")
     torch.manual_seed(123)
-    train_erm(dropout_model(), Bright(96), Bright(32), checkpoint_dir=tmp_path / "part", **(args | {"epochs": 2}))
+    train_erm(dropout_model(), Bright(96), Bright(32), settings, epochs=2, checkpoint_dir=tmp_path / "part")
     torch.manual_seed(456)  # whatever happens in between
-    resumed = train_erm(dropout_model(), Bright(96), Bright(32), checkpoint_dir=tmp_path / "part", resume=True,
-                        **args)
+    resumed = train_erm(dropout_model(), Bright(96), Bright(32), settings, epochs=4, checkpoint_dir=tmp_path / "part",
+                        resume=True)
     assert resumed.history == full.history
     assert resumed.best.epoch == full.best.epoch and resumed.last.epoch == 4
     assert all(torch.equal(resumed.last.model[k], full.last.model[k]) for k in full.last.model)

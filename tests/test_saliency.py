@@ -8,7 +8,8 @@ from torch import nn
 
 from masktune import saliency_maps
 from masktune.errors import MaskTuneError
-from masktune.saliency import METHODS, CAMMethodError, GradCAMPlusPlus, LibraryCAM, get_method
+from masktune.errors import CAMMethodError
+from masktune.saliency import METHODS, GradCAMPlusPlus, LibraryCAM, get_method
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402

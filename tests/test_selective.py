@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from masktune.selective import masktune_probabilities, risk_coverage_curve, selective_classification, selective_risk
+from masktune.evaluation.selective import masktune_probabilities, risk_coverage_curve, selective_classification, selective_risk
 
 # validation confidences (40 - i) / 64 for i = 0..19: exact in binary, so thresholds are exact
 VAL = torch.tensor([(40 - i) / 64 for i in range(20)], dtype=torch.float64)

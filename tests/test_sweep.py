@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from masktune import sweep
+from masktune.pipeline import sweep
 from masktune.cli import main
 from masktune.errors import MaskTuneError
-from masktune.experiments import ConfigError
+from masktune.errors import ConfigError
 
 
 def record(name, setting, values):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from masktune import finetune, predict, train_erm
-from masktune.training import TrainingError
+from masktune import TrainSettings, finetune, predict, train_erm
+from masktune.errors import TrainingError
 
 
 class Bright(torch.utils.data.Dataset):
@@ -37,7 +37,7 @@ def test_erm_learns_keeps_best_and_last_and_is_deterministic(tmp_path):
     runs = []
     for _ in range(2):
         model = tiny_model()
-        result = train_erm(model, train, val, epochs=4, lr=0.05, batch_size=32, progress=False,
+        result = train_erm(model, train, val, TrainSettings(lr=0.05, batch_size=32, progress=False), epochs=4,
                            checkpoint_dir=tmp_path)
         runs.append(result)
     a, b = runs
@@ -55,32 +55,33 @@ def test_erm_learns_keeps_best_and_last_and_is_deterministic(tmp_path):
 def test_finetune_continues_the_optimizer_with_the_given_lr():
     train = Bright(128)
     model = tiny_model()
-    erm = train_erm(model, train, epochs=1, lr=0.05, batch_size=32, progress=False)
+    erm = train_erm(model, train, settings=TrainSettings(lr=0.05, batch_size=32, progress=False), epochs=1)
     frozen = tiny_model()
     frozen.load_state_dict(erm.last.model)
-    finetune(frozen, train, optimizer_state=erm.last.optimizer, lr=0.0, progress=False)
+    finetune(frozen, train, TrainSettings(lr=0.0, progress=False), optimizer_state=erm.last.optimizer)
     # lr 0 (weight decay and momentum scale with lr too): nothing moves
     assert all(torch.equal(frozen.state_dict()[k], erm.last.model[k]) for k in erm.last.model if "weight" in k)
     with_state, fresh = tiny_model(), tiny_model()
     for model, state in ((with_state, erm.last.optimizer), (fresh, None)):
         model.load_state_dict(erm.last.model)
-        finetune(model, train, optimizer_state=state, lr=0.05, batch_size=32, progress=False)
+        finetune(model, train, TrainSettings(lr=0.05, batch_size=32, progress=False), optimizer_state=state)
     # the momentum buffers of the ERM optimizer change the first steps
     assert not torch.equal(with_state[0].weight, fresh[0].weight)
     again = tiny_model()
     again.load_state_dict(erm.last.model)
-    finetune(again, train, optimizer_state=erm.last.optimizer, lr=0.05, batch_size=32, progress=False)
+    finetune(again, train, TrainSettings(lr=0.05, batch_size=32, progress=False), optimizer_state=erm.last.optimizer)
     # finetuning did not change the checkpoint's optimizer state: a second finetune from it is the same
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), with_state.state_dict().values()))
 
 
 def test_finetune_leaves_the_given_optimizer_state_untouched():
     train = Bright(64)
-    erm = train_erm(tiny_model(), train, epochs=1, lr=0.05, batch_size=16, progress=False)
+    settings = TrainSettings(lr=0.05, batch_size=16, progress=False)
+    erm = train_erm(tiny_model(), train, settings=settings, epochs=1)
     before = copy.deepcopy(erm.last.optimizer)
     model = tiny_model()
     model.load_state_dict(erm.last.model)
-    finetune(model, train, optimizer_state=erm.last.optimizer, lr=0.05, batch_size=16, progress=False)
+    finetune(model, train, settings, optimizer_state=erm.last.optimizer)
     buffers = [(before["state"][i]["momentum_buffer"], erm.last.optimizer["state"][i]["momentum_buffer"])
                for i in before["state"]]
     assert buffers and all(torch.equal(a, b) for a, b in buffers)
@@ -88,7 +89,7 @@ def test_finetune_leaves_the_given_optimizer_state_untouched():
 
 def test_non_finite_loss_stops_training():
     with pytest.raises(TrainingError, match="lower the learning rate"):
-        train_erm(tiny_model(), Bright(64, nan=True), epochs=1, batch_size=16, progress=False)
+        train_erm(tiny_model(), Bright(64, nan=True), settings=TrainSettings(batch_size=16, progress=False), epochs=1)
 
 
 def test_predict_returns_logits_in_dataset_order_and_restores_mode():
@@ -110,7 +111,8 @@ def test_augment_transforms_every_training_batch_and_adam_is_available():
 
     model = tiny_model()
     train = Bright(64)
-    train_erm(model, train, epochs=3, lr=0.01, batch_size=16, progress=False, augment=mirror, optimizer="adam")
+    settings = TrainSettings(lr=0.01, batch_size=16, progress=False, augment=mirror, optimizer="adam")
+    train_erm(model, train, settings=settings, epochs=3)
     assert batches == [16] * 12  # every batch of every epoch
     # the model learnt the mirrored rule, so it is wrong on the unmirrored images
     assert (predict(model, train).argmax(1) == train.labels).float().mean() < 0.2
@@ -146,7 +148,7 @@ def test_training_feeds_channels_last_batches_only_to_models_that_accept_them():
     train, val = TwoChannels(64), TwoChannels(32, seed=1)
     for needs_contiguous in (False, True):
         model = Recorder(needs_contiguous)
-        result = train_erm(model, train, val, epochs=2, lr=0.05, batch_size=16, progress=False)
+        result = train_erm(model, train, val, TrainSettings(lr=0.05, batch_size=16, progress=False), epochs=2)
         assert model.layouts == [not needs_contiguous] * 8
         assert result.history[-1]["val_accuracy"] > 70
     with pytest.raises(RuntimeError, match="view"):

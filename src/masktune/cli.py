@@ -1,4 +1,4 @@
-"""The ``masktune`` command line: a thin layer over :mod:`masktune.experiments` and :mod:`masktune.sweep`."""
+"""The ``masktune`` command line: a thin layer over :mod:`masktune.pipeline` and :mod:`masktune.report`."""
 
 from __future__ import annotations
 
@@ -6,58 +6,69 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from . import sweep
-from .errors import MaskTuneError
-from .experiments import EXPERIMENTS, make_config, parse_overrides, run_experiment
-from .reporting import results_table, write_report
+from .errors import ConfigError, MaskTuneError
+from .pipeline import EXPERIMENTS, make_config, parse_overrides, run_experiment, sweep
+from .pipeline.config import coerce
+from .report import results_table, write_report
 
-# command-line flag -> configuration key; flags left out keep the experiment's default
+
+def _typed(key: str, kind: Any) -> Any:
+    """An argparse ``type`` turning the flag's text into the setting's type (a bad value: exit 2)."""
+    def parse(text: str) -> Any:
+        try:
+            return coerce(key, text, kind)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
+
+
+# configuration key -> (type, help); flags left out keep the experiment's default
 RUN_FLAGS = {
-    "epochs": ("epochs", int, "ERM epochs"),
-    "seed": ("seed", int, "random seed (data split, initialisation, shuffling)"),
-    "methods": ("methods", str, "comma-separated, from erm,randmask,masktune"),
-    "out": ("out", str, "run directory (default: runs/<experiment>-seed<seed>)"),
-    "device": ("device", str, "cpu, cuda or cuda:N"),
-    "data_dir": ("data_dir", str, "folder with the dataset (else the cache, then a download where possible)"),
-    "cam_layer": ("cam_layer", str, "dotted module name of the CAM layer (default: the model's own)"),
-    "limit": ("limit", int, "keep the first N images of each split, for quick runs"),
-    "batch_size": ("batch_size", int, "training batch size"),
-    "lr": ("lr", float, "ERM learning rate"),
-    "finetune_lr": ("finetune_lr", float, "finetune learning rate (default: the ERM one, as the authors)"),
-    "cam_method": ("cam_method", str, "xgradcam, gradcam, gradcam++, hirescam, layercam, or any pytorch-grad-cam "
-                   "method"),
-    "mask_rule": ("mask_rule", str, "mean-std: heat > mean + k*std; top-percent: the p%% hottest pixels; "
-                  "threshold: heat > t"),
-    "mask_param": ("mask_param", float, "the rule's k (default 2), p (default 5) or t (default 0.5)"),
-    "iterations": ("iterations", int, "MaskTune iterations: each one after the first re-masks with the finetuned "
-                   "model"),
-    "masks": ("masks", str, "reuse this saved mask set (OUT/masks/masktune.pt of an earlier run)"),
-    "num_workers": ("num_workers", int, "data-loader worker processes"),
+    "epochs": (int, "ERM epochs"),
+    "seed": (int, "random seed (data split, initialisation, shuffling)"),
+    "methods": (tuple[str, ...], "comma-separated, from erm,randmask,masktune"),
+    "out": (str, "run directory (default: runs/<experiment>-seed<seed>)"),
+    "device": (str, "cpu, cuda or cuda:N"),
+    "data_dir": (str, "folder with the dataset (else the cache, then a download where possible)"),
+    "cam_layer": (str, "dotted module name of the CAM layer (default: the model's own)"),
+    "limit": (int, "keep the first N images of each split, for quick runs"),
+    "batch_size": (int, "training batch size"),
+    "lr": (float, "ERM learning rate"),
+    "finetune_lr": (float, "finetune learning rate (default: the ERM one, as the authors)"),
+    "cam_method": (str, "xgradcam, gradcam, gradcam++, hirescam, layercam, or any pytorch-grad-cam method"),
+    "mask_rule": (str, "mean-std: heat > mean + k*std; top-percent: the p%% hottest pixels; threshold: heat > t"),
+    "mask_param": (float, "the rule's k (default 2), p (default 5) or t (default 0.5)"),
+    "iterations": (int, "MaskTune iterations: each one after the first re-masks with the finetuned model"),
+    "masks": (str, "reuse this saved mask set (OUT/masks/masktune.pt of an earlier run)"),
+    "num_workers": (int, "data-loader worker processes"),
 }
 DATA_FLAGS = {
     "conflicting_ratio": (float, "share of class-1 images with the feature (and of class-0 images without)"),
     "bias_type": (str, "square, background or foreground"),
     "square_size": (int, "side of the square in pixels"),
-    "colour": (str, "R,G,B of the spurious feature, e.g. 255,0,0"),
+    "colour": (tuple[int, ...], "R,G,B of the spurious feature, e.g. 255,0,0"),
     "n_squares": (int, "1, or 2 for a second square in the top-right corner"),
     "val_size": (int, "training images held out for validation"),
     "selection": (str, "which images carry the feature: authors (digit order) or random"),
 }
+SWITCHES = {"accumulate": True, "tensorboard": True, "pretrained": False}
 
 
 def _add_run_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
     parser.add_argument("experiment", nargs="?", default="biased-mnist", choices=sorted(EXPERIMENTS))
-    for flag, (_, kind, text) in RUN_FLAGS.items():
-        if flag not in leave_out:
-            parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=text)
+    for key, (kind, text) in RUN_FLAGS.items():
+        if key not in leave_out:
+            parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=_typed(key, kind), help=text)
     data = parser.add_argument_group("biased MNIST data options (also settable as --set data.<option>=...)")
-    for flag, (kind, text) in DATA_FLAGS.items():
-        data.add_argument(f"--{flag.replace('_', '-')}", dest=f"data.{flag}", type=kind, help=text)
-    parser.add_argument("--accumulate", action="store_true", help="with --iterations > 1: add new masks to the old")
-    parser.add_argument("--tensorboard", action="store_true",
+    for key, (kind, text) in DATA_FLAGS.items():
+        data.add_argument(f"--{key.replace('_', '-')}", dest=f"data.{key}", type=_typed(f"data.{key}", kind), help=text)
+    parser.add_argument("--accumulate", action="store_const", const=True,
+                        help="with --iterations > 1: add new masks to the old")
+    parser.add_argument("--tensorboard", action="store_const", const=True,
                         help="also log per-epoch metrics for TensorBoard (needs pip install 'masktune[tensorboard]')")
-    parser.add_argument("--no-pretrained", dest="pretrained", action="store_const", const="false",
+    parser.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
                         help="random initialisation instead of pretrained (ImageNet) weights")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -101,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(f"report: {write_report(args.run_dir, device=args.device, samples_per_group=args.samples)}")
             return 0
-        given = {key: value for key, value in vars(args).items()
-                 if value is not None and (key in RUN_FLAGS or key.startswith("data.") or key == "pretrained")}
-        overrides = {RUN_FLAGS[k][0] if k in RUN_FLAGS else k: str(v) for k, v in given.items()}
-        overrides |= {flag: "true" for flag in ("tensorboard", "accumulate") if getattr(args, flag)}
+        overrides = {key: value for key, value in vars(args).items()
+                     if value is not None and (key in RUN_FLAGS or key in SWITCHES or key.startswith("data."))}
         if args.command == "sweep":
             out = Path(args.sweep_dir or f"runs/sweep-{args.experiment}")
             runs = sweep.plan(args.experiment, sweep.parse_seeds(args.seeds), args.set, overrides, out)

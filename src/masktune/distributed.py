@@ -8,6 +8,7 @@ here is a no-op in a single process, so the same code runs with and without torc
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -16,13 +17,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .errors import MaskTuneError
+from .errors import DeviceError, MaskTuneError
 
 T = TypeVar("T")
-
-
-class DeviceError(MaskTuneError, ValueError):
-    """The requested device does not exist or cannot be used."""
 
 
 def active() -> bool:
@@ -43,6 +40,12 @@ def world_size() -> int:
 def is_main() -> bool:
     """Whether this is rank 0, the process that writes files and shows progress."""
     return rank() == 0
+
+
+def note(message: str, progress: bool = True) -> None:
+    """Print ``masktune: <message>`` on standard error, from rank 0 only, unless ``progress`` is off."""
+    if progress and is_main():
+        print(f"masktune: {message}", file=sys.stderr)
 
 
 def launched_world_size() -> int:

@@ -1,33 +1,31 @@
-"""Models from the paper and the lookup of a model's CAM layer.
+"""Models from the paper, where a model runs (its device), and the lookup of a model's CAM layer.
 
 Any ``torch.nn.Module`` classifier works with masktune: the CAM layer is named by its dotted module
-name (as in ``model.named_modules()``), or found automatically.
+name (as in ``model.named_modules()``), or found automatically. Every function of masktune that
+computes with a model takes a ``device`` and puts the model there itself (:func:`place`).
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
+from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .errors import MaskTuneError
+from .errors import LayerError, WeightsError
 
 _POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class LayerError(MaskTuneError, ValueError):
-    """The CAM layer named by the user does not exist or has no spatial output."""
-
-
-class WeightsError(MaskTuneError, RuntimeError):
-    """Pretrained weights cannot be loaded; the message says where to put them or how to go without."""
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -160,6 +158,23 @@ def resnet32(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(num_classes, depth=32)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model with neither)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def place(model: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """Move ``model`` to ``device`` (``None``: leave it where it is) and return the device it is on.
+
+    Every masktune function that computes with a model calls this first and then moves each batch
+    to the returned device, so a model built or loaded anywhere runs where it is asked to.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    return device
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode and restore each one's own mode afterwards, even on error."""
@@ -187,35 +202,96 @@ def fastest_memory_format(model: nn.Module, example: torch.Tensor) -> torch.memo
     return torch.channels_last
 
 
-def spatial_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the modules whose output is 4-D with more than one spatial cell, in execution order.
+@dataclass
+class _LayerOutput:
+    """What one module produced in a traced forward pass."""
 
-    ``example`` is one input batch (a single image is enough); the model runs once in eval mode.
+    name: str
+    leaf: bool
+    calls: int = 0
+    done: int = 0  # when its (last) call finished, in hook order: a block finishes after its children
+    output: object = None
+    values: tuple[float, float] | None = None  # sum and sum of squares of the output when it was made
+    spatial: bool = False
+    pooled: bool = False
+
+
+def _trace_layers(model: nn.Module, example: torch.Tensor) -> list[_LayerOutput]:
+    """Every submodule that ran on ``example`` (eval mode, no gradients), in the order it (last) finished.
+
+    An output is *pooled* when a pooling layer made it, when a block returns a pooled tensor as its
+    own output, or when a module without parameters (dropout, an activation) ran on a pooled input.
     """
-    found: list[str] = []
-    names = {module: name for name, module in model.named_modules() if name}
+    records: dict[nn.Module, _LayerOutput] = {}
+    pooled: set[int] = set()
+    finished = iter(range(1, 1 << 62))
 
-    def hook(module: nn.Module, _inputs: object, output: object) -> None:
-        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-2] * output.shape[-1] > 1:
-            found.append(names[module])
+    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        record = records[module]
+        record.calls += 1
+        record.done, record.output = next(finished), output
+        if not isinstance(output, torch.Tensor):
+            return
+        flat = output.detach().float()
+        record.values = (flat.sum().item(), flat.square().sum().item())
+        from_pool = any(id(x) in pooled for x in inputs) and next(module.parameters(), None) is None
+        record.pooled = isinstance(module, _POOLING) or id(output) in pooled or from_pool
+        if record.pooled:
+            pooled.add(id(output))
+        record.spatial = output.dim() == 4 and output.shape[-2] * output.shape[-1] > 1
 
-    handles = [m.register_forward_hook(hook) for m in names]
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            records[module] = _LayerOutput(name, leaf=next(module.children(), None) is None)
+            handles.append(module.register_forward_hook(hook))
     try:
         with eval_mode(model), torch.no_grad():
             model(example)
     finally:
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(found))
+    return sorted((record for record in records.values() if record.calls), key=lambda record: record.done)
 
 
-def resolve_cam_layer(model: nn.Module, layer: str | nn.Module | None, example: torch.Tensor) -> tuple[str, nn.Module]:
+def spatial_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the modules whose output is 4-D with more than one spatial cell, in the order they
+    finished (a block after the layers inside it).
+
+    ``example`` is one input batch (a single image is enough); the model runs once in eval mode.
+    """
+    return [record.name for record in _trace_layers(model, example) if record.spatial]
+
+
+def _automatic_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """The last module to finish with a spatial output that is not pooled and that runs once; among
+    modules returning that same tensor with the same values (a block returns its last layer's
+    output; an in-place layer changes its input's values), the last leaf layer, or else the
+    innermost block."""
+    usable = [r for r in _trace_layers(model, example) if r.spatial and not r.pooled and r.calls == 1]
+    if not usable:
+        raise LayerError(
+            f"{type(model).__name__} has no layer with a spatial (N, C, H, W) output, outside pooling, to compute "
+            "a CAM on; masktune needs a convolutional feature map"
+        )
+    last = usable[-1]
+    same = [r for r in usable if r.output is last.output and r.values == last.values]
+    leaves = [r for r in same if r.leaf]
+    return leaves[-1].name if leaves else same[0].name
+
+
+def resolve_cam_layer(model: nn.Module, layer: str | nn.Module | None, example: torch.Tensor, *,
+                      device: torch.device | str | None = None) -> tuple[str, nn.Module]:
     """Find the CAM layer of ``model``: a module, a dotted name, or ``None`` for automatic choice.
 
-    Automatic choice takes ``model.cam_layer`` when the model defines it, else the last module (in
-    execution order) with a spatial 4-D output that is not a pooling layer. ``example`` is an input
-    batch used to see which layers are spatial.
+    Automatic choice takes ``model.cam_layer`` when the model defines it, else the last layer (in
+    execution order) with a spatial 4-D output that is not pooled: never a pooling layer, nor a layer
+    or block whose output is a pooling layer's (see :func:`_automatic_layer`). ``example`` is an input
+    batch used to see which layers are spatial; the model and ``example`` are put on ``device``
+    (default: the model's) first.
     """
+    device = place(model, device)
+    example = example.to(device)
     modules = dict(model.named_modules())
     if isinstance(layer, nn.Module):
         for name, module in modules.items():
@@ -224,15 +300,10 @@ def resolve_cam_layer(model: nn.Module, layer: str | nn.Module | None, example: 
         raise LayerError("the CAM layer module given is not a submodule of the model; pass one of model.named_modules()")
     if layer is None:
         layer = getattr(model, "cam_layer", None)
-    candidates = spatial_layers(model, example)
     if layer is None:
-        usable = [name for name in candidates if not isinstance(modules[name], _POOLING)]
-        if not usable:
-            raise LayerError(
-                f"{type(model).__name__} has no layer with a spatial (N, C, H, W) output to compute a CAM on; "
-                "masktune needs a convolutional feature map"
-            )
-        return usable[-1], modules[usable[-1]]
+        name = _automatic_layer(model, example)
+        return name, modules[name]
+    candidates = spatial_layers(model, example)
     if layer not in modules or not layer:
         raise LayerError(
             f"the model has no layer named {layer!r}. Layers with a spatial output, any of which can be the CAM "
@@ -244,3 +315,28 @@ def resolve_cam_layer(model: nn.Module, layer: str | nn.Module | None, example: 
             f"Layers with a spatial output: {', '.join(candidates) or '(none)'}"
         )
     return layer, modules[layer]
+
+
+def fold_batchnorm(model: nn.Module, keep: str = "") -> nn.Module:
+    """An eval-mode copy of ``model`` in which every BatchNorm2d applied right after a Conv2d is folded
+    into it (the same outputs up to float rounding, one pass over the feature map less); ``model``
+    itself when it cannot be traced (``torch.fx``) or copied. The conv named ``keep`` (the CAM layer)
+    keeps its own output."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+        folded = copy.deepcopy(model).eval()
+    except Exception:  # tracing fails on data-dependent control flow, in many ways
+        return model
+    modules = dict(folded.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for node in graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if (isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(source, torch.fx.Node)
+                and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d)
+                and len(source.users) == 1 and calls[source.target] == calls[node.target] == 1
+                and source.target != keep):
+            for name, module in ((source.target, fuse_conv_bn_eval(modules[source.target], modules[node.target])),
+                                 (node.target, nn.Identity())):
+                parent, _, attribute = name.rpartition(".")
+                setattr(folded.get_submodule(parent), attribute, module)
+    return folded

@@ -18,15 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MaskTuneError
-from .models import eval_mode
+from .errors import CAMMethodError, MaskTuneError
+from .models import eval_mode, place
 
 EPS = 1e-7
 CAM_EXTRA = "pip install 'masktune[cam]'"
-
-
-class CAMMethodError(MaskTuneError, ValueError):
-    """An unknown CAM method, or one whose optional dependency is missing."""
 
 
 class CAM:
@@ -226,6 +222,7 @@ def saliency_maps(
     method: str | CAM = "xgradcam",
     targets: torch.Tensor | None = None,
     amp: bool = True,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CAM heatmaps for a batch, at the input's height x width, values in [0, 1].
 
@@ -233,7 +230,9 @@ def saliency_maps(
     any pytorch-grad-cam method) or a :class:`CAM`. ``targets`` are the classes to explain, one per
     image; ``None`` explains the predicted class (highest logit). With ``amp`` the forward pass runs
     in float16 autocast when the images are on a GPU (the maps are combined in float32). The model
-    runs in eval mode; its modes and hooks are restored afterwards.
-    Returns ``(heatmaps [B, H, W], targets [B])``.
+    runs in eval mode; its modes and hooks are restored afterwards. The model and the images are put
+    on ``device`` (default: the model's) first.
+    Returns ``(heatmaps [B, H, W], targets [B])`` on that device.
     """
-    return get_method(method)(model, images, layer, targets, amp=amp)
+    device = place(model, device)
+    return get_method(method)(model, images.to(device), layer, targets, amp=amp)

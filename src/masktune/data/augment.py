@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 # AlexNet-style PCA lighting noise: eigenvalues and eigenvectors of ImageNet's RGB covariance.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
@@ -47,6 +49,12 @@ class BatchAugment:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """A randomly augmented copy of ``images``."""
+        if images.dim() != 4:
+            raise ConfigError(
+                f"BatchAugment transforms a batch [B, C, H, W] on the device, got a tensor of shape "
+                f"{tuple(images.shape)}; pass it as augment= of the training settings (TrainSettings), which "
+                "apply it to each training batch after masking, not as a per-image dataset transform"
+            )
         if self.crop_scale is not None or self.flip or self.degrees or self.translate or self.pad_crop:
             images = self._warp(images)
         if self.jitter:

@@ -1,5 +1,6 @@
-"""Every registered experiment: the paper's benchmarks with the authors' hyperparameters (SPEC.md
-sections 2 and 3), plus the ones that run on a CPU here. ``masktune run <name>`` runs one.
+"""The paper's experiments with the authors' hyperparameters (SPEC.md sections 2 and 3), plus the
+ones that run on a CPU here, as :data:`PAPER_EXPERIMENTS`; :mod:`masktune.pipeline` registers them,
+and ``masktune run <name>`` runs one.
 
 Hyperparameters are those of the authors' scripts (github.com/aliasgharkhani/Masktune,
 ``bash_files/``); their learning-rate schedules are never stepped in their code, so the rate is
@@ -15,14 +16,15 @@ from typing import Callable
 
 from torch import nn
 
-from .augment import BatchAugment
-from .data import (BiasedMNISTConfig, DataError, MNISTArrays, load_fashion_mnist, load_mnist, make_biased_mnist,
-                   masktune_home)
-from .datasets import (holdout, load_celeba, load_cats_vs_dogs, load_cifar10, load_image_csv, load_in9l, load_svhn,
-                       load_waterbirds)
-from .evaluation import bg_gap
-from .experiments import Experiment, ExperimentData, RunConfig, register
-from .models import SmallCNN, resnet32, resnet50
+from ..data import (BatchAugment, BiasedMNISTConfig, MNISTArrays, holdout, load_cats_vs_dogs, load_celeba,
+                    load_cifar10, load_fashion_mnist, load_image_csv, load_in9l, load_mnist, load_svhn,
+                    load_waterbirds, make_biased_mnist)
+from ..errors import DataError
+from ..evaluation import bg_gap
+from ..models import SmallCNN, resnet32, resnet50
+from ..storage import masktune_home
+from .config import RunConfig
+from .registry import Experiment, ExperimentData
 
 IN9L_MEAN = (0.4717, 0.4499, 0.3837)
 IN9L_STD = (0.2600, 0.2516, 0.2575)
@@ -61,19 +63,21 @@ def _small_cnn(config: RunConfig, num_classes: int) -> nn.Module:
     return SmallCNN(num_classes)
 
 
-def _register_biased(name: str, load: Callable[[str | None], MNISTArrays], what: str) -> None:
+def _biased(name: str, load: Callable[[str | None], MNISTArrays], what: str) -> tuple[Experiment, Experiment]:
     """``name`` and its selective-classification variant ``name-selective``."""
     build = _biased_data(load, name)
     description = f"{what}, a coloured square on 99% of class 0 (SPEC.md section 2)"
-    register(Experiment(name, 1, description, build, _small_cnn, MNIST_DEFAULTS, BIASED_MNIST_OPTIONS))
-    register(Experiment(f"{name}-selective", 1, f"{description}; selective classification, ERM vs the MaskTune rule",
-                        build, _small_cnn, MNIST_DEFAULTS | SELECTIVE, BIASED_MNIST_OPTIONS))
+    return (Experiment(name, 1, description, build, _small_cnn, MNIST_DEFAULTS, BIASED_MNIST_OPTIONS),
+            Experiment(f"{name}-selective", 1, f"{description}; selective classification, ERM vs the MaskTune rule",
+                       build, _small_cnn, MNIST_DEFAULTS | SELECTIVE, BIASED_MNIST_OPTIONS))
 
 
-_register_biased("biased-mnist", load_mnist, "MNIST, digits 0-4 vs 5-9")
-_register_biased("biased-fashion-mnist", load_fashion_mnist,
-                 "Fashion-MNIST, classes 0-4 (T-shirt/top, trouser, pullover, dress, coat) vs 5-9 (sandal, shirt, "
-                 "sneaker, bag, ankle boot)")
+BIASED = (
+    *_biased("biased-mnist", load_mnist, "MNIST, digits 0-4 vs 5-9"),
+    *_biased("biased-fashion-mnist", load_fashion_mnist,
+             "Fashion-MNIST, classes 0-4 (T-shirt/top, trouser, pullover, dress, coat) vs 5-9 (sandal, shirt, "
+             "sneaker, bag, ankle boot)"),
+)
 
 
 # --- Waterbirds, CelebA, the Background Challenge, any grouped image folder (ResNet-50) ----------
@@ -123,25 +127,22 @@ RESNET50_DEFAULTS = {"epochs": 100, "lr": 1e-4, "momentum": 0.9, "weight_decay":
                      "methods": ("erm", "masktune"), "num_workers": 4}
 IMAGE_OPTIONS = {"image_size": 224, "augment": True}
 
-register(Experiment(
+GROUPED = (Experiment(
     "waterbirds", 1,
     "Waterbirds: landbird vs waterbird, place (land/water) spurious; worst-group and average accuracy. ImageNet "
     "weights as in the paper (the authors' script trains from scratch: --no-pretrained)",
     _waterbirds, _resnet50(), RESNET50_DEFAULTS, IMAGE_OPTIONS,
-))
-register(Experiment(
+), Experiment(
     "celeba", 1,
     "CelebA: Blond_Hair, with Male spurious; worst-group and average accuracy",
     _celeba, _resnet50(), RESNET50_DEFAULTS | {"epochs": 20, "batch_size": 512},
     {"target": "Blond_Hair", "spurious": "Male", **IMAGE_OPTIONS},
-))
-register(Experiment(
+), Experiment(
     "in9l", 1,
     "Background Challenge: train on ImageNet-9L, test on original, mixed_same, mixed_rand, mixed_next; BG-gap = "
     "mixed_same - mixed_rand. ImageNet weights as in the paper (the authors' script: --no-pretrained)",
     _in9l, _resnet50(IN9L_MEAN, IN9L_STD), RESNET50_DEFAULTS, IMAGE_OPTIONS, summarize=bg_gap,
-))
-register(Experiment(
+), Experiment(
     "image-csv", 1,
     "any grouped image dataset: --data-dir with a CSV of path, label, split (train/val/others are test sets) and "
     "an optional spurious column; ResNet-50 with the Waterbirds hyperparameters",
@@ -168,20 +169,20 @@ def _resnet32(config: RunConfig, num_classes: int) -> nn.Module:
 SELECTIVE_DEFAULTS = {"epochs": 300, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128, **SELECTIVE}
 AFFINE = BatchAugment(flip=True, degrees=15, translate=0.1)
 
-register(Experiment(
+SELECTIVE_CLASSIFICATION = (Experiment(
     "cifar10", 1, "CIFAR-10, selective classification: error at coverage 80-100%, ERM vs the MaskTune rule",
     lambda config: _held_out(config, "cifar10", load_cifar10, 10, AFFINE),
     _resnet32, SELECTIVE_DEFAULTS, {"val_fraction": 0.2, "augment": True},
-))
-register(Experiment(
+), Experiment(
     "svhn", 1, "SVHN, selective classification: error at coverage 80-100%, ERM vs the MaskTune rule",
     lambda config: _held_out(config, "svhn", load_svhn, 10, BatchAugment(pad_crop=4)),
     _resnet32, SELECTIVE_DEFAULTS | {"weight_decay": 5e-4}, {"val_fraction": 0.2, "augment": True},
-))
-register(Experiment(
+), Experiment(
     "catsvsdogs", 1, "Cats vs Dogs (64 px), selective classification: error at coverage 80-100%, ERM vs MaskTune rule",
     lambda config: _held_out(config, "catsvsdogs", lambda root: load_cats_vs_dogs(root, config.data["image_size"]),
                              2, AFFINE),
     _resnet32, SELECTIVE_DEFAULTS | {"optimizer": "adam", "lr": 1e-3, "epochs": 200, "num_workers": 4},
     {"val_fraction": 0.2, "image_size": 64, "augment": True},
 ))
+
+PAPER_EXPERIMENTS: tuple[Experiment, ...] = (*BIASED, *GROUPED, *SELECTIVE_CLASSIFICATION)

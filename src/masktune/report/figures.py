@@ -28,10 +28,9 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset
 
-from .masking import MaskRule, make_rule
-from .models import eval_mode, resolve_cam_layer
-from .saliency import CAM, saliency_maps
-from .training import model_device
+from ..masks import MaskRule, make_rule
+from ..models import eval_mode, model_device, resolve_cam_layer
+from ..saliency import CAM, saliency_maps
 
 HEAT_CMAP = "jet"
 HEAT_ALPHA = 0.5

@@ -1,4 +1,4 @@
-"""Human-readable output of runs: the results table, and the HTML report with its figures.
+"""The HTML report of a run, with its figures.
 
 :func:`write_report` (``masktune report RUN_DIR``, also run at the end of ``masktune run``)
 writes ``report.html`` into the run directory: one self-contained file (figures embedded as PNG
@@ -42,65 +42,19 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ._io import atomic_write_bytes
-from .errors import MaskTuneError
-from .experiments import ExperimentData, RunConfig, limited, get_experiment, make_config
+from ..data.base import labels_of, limited
+from ..data.loader import make_loader
+from ..errors import ReportError
+from ..masks import make_rule
+from ..models import model_device, place, resolve_cam_layer
+from ..pipeline import ExperimentData, RunConfig, get_experiment, make_config
+from ..saliency import saliency_maps
+from ..storage import atomic_write_bytes, load_torch
 from .figures import (accuracy_figure, group_label, method_style, png_bytes, risk_coverage_figure, saliency_grid,
                       training_figure)
-from .masking import make_rule
-from .models import resolve_cam_layer
-from .saliency import saliency_maps
-from .training import first_batch, labels_of, make_loader, model_device
 
 FEATURE_NAMES = {"square": "square", "background": "coloured background", "foreground": "coloured digit"}
 DPI = 100
-
-
-class ReportError(MaskTuneError):
-    """A run directory cannot be reported on; the message says why and what to do."""
-
-
-def results_table(results: dict) -> str:
-    """Accuracy (%) of each method on each test set, then worst-group accuracy and masking figures."""
-    accuracy = results["accuracy"]
-    test_sets = list(next(iter(accuracy.values())))
-    header = ["method", *test_sets, *(f"{t} worst-group" for t in test_sets)]
-    rows = [header]
-    for method, per_set in accuracy.items():
-        rows.append([method, *(f"{per_set[t]['accuracy']:.2f}" for t in test_sets),
-                     *(f"{per_set[t].get('worst_group_accuracy', float('nan')):.2f}" for t in test_sets)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    weighted = [f"{method} {t} {per_set[t]['train_weighted_accuracy']:.2f}" for method, per_set in accuracy.items()
-                for t in test_sets if per_set[t].get("train_weighted_accuracy") is not None]
-    if weighted:
-        lines.append("average accuracy weighted by training group sizes: " + ", ".join(weighted))
-    for method, figures in results.get("summary", {}).items():
-        lines.append(f"{method}: " + ", ".join(f"{name} {value:.2f}" for name, value in figures.items()))
-    if "selective" in results:
-        lines.append(selective_table(results["selective"]))
-    for method, diag in results.get("masking", {}).items():
-        figures = ", ".join(f"{k.replace('_percent', '')} {v:.1f}%" if k.endswith("percent") else f"{k} {v:.1f}"
-                            for k, v in diag.items())
-        lines.append(f"{method} masks: {figures}")
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in results.get("timings_s", {}).items())
-    if timings:
-        lines.append(f"time: {timings}")
-    return "\n".join(lines)
-
-
-def selective_table(selective: dict) -> str:
-    """Selective classification: error (%) and realised coverage (%) at each target coverage, and the
-    area under the risk-coverage curve, for ERM alone and the MaskTune rule."""
-    first = next(iter(selective.values()))
-    lines = [f"selective classification on {first['test_set']}: error % (realised coverage %) at target coverage"]
-    for method, result in selective.items():
-        cells = [f"{target}%: {cell['error']:.2f} ({cell['coverage']:.1f})" if cell["error"] is not None
-                 else f"{target}%: - (0.0)" for target, cell in result["error_at_coverage"].items()]
-        lines.append(f"  {method:9s} " + "  ".join(cells) + f"  AURC {result['aurc']:.2f}")
-    return "\n".join(lines)
 
 
 def find_runs(path: str | Path) -> list[Path]:
@@ -162,10 +116,11 @@ def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> Load
         path = run_dir / "checkpoints" / ("erm_best.pt" if method == "erm" else f"{method}.pt")
         if not path.is_file():
             raise ReportError(f"{path} is missing, so the heatmaps cannot be drawn; run the experiment again")
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = load_torch(path, map_location=device, error=ReportError, fix="run the experiment again to rewrite it")
         model = spec.build_model(config, data.num_classes)
         model.load_state_dict(state["model"] if method == "erm" else state)
-        models[method] = model.to(device).eval()
+        place(model, device)
+        models[method] = model.eval()
     return LoadedRun(results, config, data, limited(data.train, config.limit), models)
 
 
@@ -189,7 +144,7 @@ def heat_share(model: nn.Module, dataset: Dataset, indices: Sequence[int], regio
     """Share (%) of each heatmap's mass (xGradCAM, predicted class) inside ``region`` [H, W], for
     ``dataset[indices]``; returns a CPU tensor [len(indices)]."""
     device = model_device(model)
-    _, cam_layer = resolve_cam_layer(model, layer, first_batch(dataset, device))
+    _, cam_layer = resolve_cam_layer(model, layer, dataset[0][0].unsqueeze(0), device=device)
     shares = []
     for images, *_ in make_loader(Subset(dataset, list(indices)), batch_size):
         heat, _ = saliency_maps(model, images.to(device), cam_layer)

@@ -1,4 +1,10 @@
-"""Metrics: accuracy overall and per group (WILDS-style), BG-gap, and how well the masks hit the spurious feature."""
+"""Metrics of predictions: accuracy overall and per group (WILDS-style ``eval(y_pred, y_true,
+metadata)``), and the Background Challenge's BG-gap.
+
+Group metrics need per-sample groups: a dataset gives them as ``metadata["spurious"]`` (a tensor
+with one value per sample), and the groups are (label, spurious value). A dataset without it gets
+plain accuracy only, and its result says so under ``"groups_unavailable"``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .masksets import MaskSet
-from .training import labels_of, predict
+from ..data.base import labels_of
+from ..training import predict
+
+NO_GROUPS = ("the dataset has no metadata['spurious'] (one value per sample), so there are no groups and no "
+             "worst-group accuracy; give the dataset a metadata dict holding that tensor")
 
 
 def _spurious(metadata: Mapping[str, torch.Tensor] | torch.Tensor | None) -> torch.Tensor | None:
@@ -77,17 +86,24 @@ def evaluate_logits(
     logits: Mapping[str, torch.Tensor], datasets: Mapping[str, Dataset], *,
     train_group_counts: Mapping[str, int] | None = None,
 ) -> dict[str, dict]:
-    """:func:`group_metrics` of the predictions ``logits[name].argmax(1)`` on each named dataset."""
-    return {name: group_metrics(logits[name].argmax(1), labels_of(dataset), getattr(dataset, "metadata", None),
-                                train_group_counts=train_group_counts)
-            for name, dataset in datasets.items()}
+    """:func:`group_metrics` of the predictions ``logits[name].argmax(1)`` on each named dataset; the
+    result of a dataset without groups holds ``"groups_unavailable"`` (the reason and the fix)."""
+    results = {}
+    for name, dataset in datasets.items():
+        metadata = getattr(dataset, "metadata", None)
+        results[name] = group_metrics(logits[name].argmax(1), labels_of(dataset), metadata,
+                                      train_group_counts=train_group_counts)
+        if _spurious(metadata) is None:
+            results[name]["groups_unavailable"] = NO_GROUPS
+    return results
 
 
 def evaluate(
     model: nn.Module, datasets: Mapping[str, Dataset], *, device: torch.device | str | None = None,
     batch_size: int = 512, train_group_counts: Mapping[str, int] | None = None,
 ) -> dict[str, dict]:
-    """:func:`group_metrics` of ``model`` on each named dataset (groups from ``metadata["spurious"]``)."""
+    """:func:`evaluate_logits` of ``model`` (run on ``device``, default: where it is) on each named
+    dataset: plain accuracy, and group metrics where the dataset has ``metadata["spurious"]``."""
     logits = {name: predict(model, dataset, device=device, batch_size=batch_size) for name, dataset in datasets.items()}
     return evaluate_logits(logits, datasets, train_group_counts=train_group_counts)
 
@@ -96,56 +112,3 @@ def bg_gap(metrics: Mapping[str, dict]) -> dict[str, float]:
     """The Background Challenge's BG-gap: accuracy on ``mixed_same`` minus accuracy on ``mixed_rand``
     (how much the accuracy depends on the background carrying class information)."""
     return {"bg_gap": metrics["mixed_same"]["accuracy"] - metrics["mixed_rand"]["accuracy"]}
-
-
-def _masked_counts(masks: MaskSet | torch.Tensor, region: torch.Tensor | None,
-                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per image: the number of masked pixels, and of those inside ``region`` (one chunk of masks
-    unpacked at a time)."""
-    totals, insides = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
-    for start in range(0, len(masks), chunk):
-        block = masks[start:start + chunk]
-        totals.append(block.flatten(1).sum(1))
-        if region is not None:
-            insides.append((block & region).flatten(1).sum(1))
-    return torch.cat(totals).float(), torch.cat(insides).float() if region is not None else None
-
-
-def mask_diagnostics(masks: MaskSet | torch.Tensor, spurious: torch.Tensor | None = None,
-                     region: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
-    """How much the masks hide, and how much of the spurious ``region`` [H, W] they cover.
-
-    ``masks`` is a :class:`~masktune.MaskSet` or a bool tensor [N, H, W].
-    ``masked_percent``: masked pixels over all pixels. With ``region`` and the per-image
-    ``spurious`` flag, over the images that carry the feature: ``region_coverage_percent`` (mean
-    share of the region's pixels masked), ``region_fully_covered_percent`` (images whose whole
-    region is masked) and ``masked_inside_region_percent`` (share of their masked pixels that lie
-    in the region). With ``labels`` too, the images that carry the feature are split into
-    *aligned* ones (their label is the one the feature mostly comes with: the shortcut) and
-    *conflicting* ones, and ``aligned_region_fully_covered_percent`` and
-    ``conflicting_region_fully_covered_percent`` say how often each has its whole region masked.
-    A model that uses the shortcut but recognises the conflicting images by other features should
-    mask the region on the aligned images only.
-    """
-    has_feature = region is not None and spurious is not None and bool(spurious.any())
-    per_image, inside_all = _masked_counts(masks, region if has_feature else None)
-    result = {
-        "masked_percent": 100.0 * per_image.mean().item() / (masks.shape[-2] * masks.shape[-1]),
-        "masked_pixels_per_image": per_image.mean().item(),
-    }
-    if not has_feature:
-        return result
-    carried = spurious.bool()
-    inside = inside_all[carried]
-    masked = per_image[carried]
-    full = inside == region.sum()
-    result["region_coverage_percent"] = 100.0 * (inside / region.sum()).mean().item()
-    result["region_fully_covered_percent"] = 100.0 * full.float().mean().item()
-    result["masked_inside_region_percent"] = 100.0 * inside.sum().item() / max(masked.sum().item(), 1.0)
-    if labels is not None:
-        carried_labels = labels[carried]
-        aligned = carried_labels == carried_labels.mode().values
-        for name, share in (("aligned", aligned), ("conflicting", ~aligned)):
-            if share.any():
-                result[f"{name}_region_fully_covered_percent"] = 100.0 * full[share].float().mean().item()
-    return result

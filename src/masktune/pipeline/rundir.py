@@ -1,5 +1,6 @@
-"""What a run directory holds besides checkpoints: a lock against a second writer, the saved
-configuration a resumed run must match, and masks saved chunk by chunk as they are computed."""
+"""The run directory: a lock against a second writer, the saved configuration a resumed run must
+match, resumable stages (each stage's output saved atomically once computed, loaded instead of
+recomputed when a run starts again), masks saved chunk by chunk, and the per-epoch metrics log."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import fcntl
 import json
 import os
 import socket
+import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
-from .errors import MaskTuneError
-from .masksets import MaskSet, MaskSetError
+from .. import distributed
+from ..errors import MaskSetError, MaskTuneError, RunDirError
+from ..masks.maskset import MaskSet
+from ..storage import atomic_write_bytes
+
+T = TypeVar("T")
 
 # Settings that do not change a run's results: a run may resume with other values.
 RESUMABLE_CHANGES = ("out", "num_workers")
-
-
-class RunDirError(MaskTuneError, RuntimeError):
-    """The run directory is in use, or holds a run made with other settings."""
 
 
 class RunLock:
@@ -105,6 +108,43 @@ def check_saved_config(folder: Path, config: dict) -> bool:
     return True
 
 
+class RunDir:
+    """A run directory and its resumable stages.
+
+    :meth:`stage` is the one resume mechanism of a run: a stage's output is loaded when it was saved
+    before, else computed and saved. ``resumed`` says whether any output was loaded (or the run
+    continued a saved ERM), i.e. whether this run continues an earlier one.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.resumed = False
+
+    def claim(self, stack: ExitStack, config: dict) -> tuple[bool, dict | None]:
+        """Lock the directory for this run (until ``stack`` closes) and check its saved configuration
+        against ``config``; returns whether there is saved work to continue, and the results of a
+        finished run (None when unfinished)."""
+        stack.enter_context(RunLock(self.path))
+        resuming = check_saved_config(self.path, config)
+        finished = self.path / "results.json"
+        return resuming, json.loads(finished.read_text()) if finished.is_file() else None
+
+    def stage(self, name: str, compute: Callable[[], T], save: Callable[[T, Path], None],
+              load: Callable[[Path], T]) -> T:
+        """The output of the stage saved as ``name`` (a path inside the run directory): ``load(path)``
+        when it exists, else ``compute()``, saved by ``save(output, path)`` on rank 0 (atomically,
+        the file at ``path`` last) before every process goes on."""
+        path = self.path / name
+        if path.is_file():
+            self.resumed = True
+            return load(path)
+        output = compute()
+        if distributed.is_main():
+            save(output, path)
+        distributed.barrier()
+        return output
+
+
 class MaskStore:
     """Masks of one method, saved as :class:`~masktune.MaskSet` chunks ``<start>-<stop>.pt`` of
     consecutive images, each written atomically once computed, so a killed masking stage resumes
@@ -113,19 +153,20 @@ class MaskStore:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
-    def _path(self, start: int, stop: int) -> Path:
+    def path(self, start: int, stop: int) -> Path:
+        """The file of the masks of images ``start .. stop - 1``."""
         return self.folder / f"{start:09d}-{stop:09d}.pt"
 
     def save(self, start: int, stop: int, masks: MaskSet) -> None:
         """Save the masks of images ``start .. stop - 1``."""
         if len(masks) != stop - start:
             raise RunDirError(f"{len(masks)} masks given for images {start}..{stop - 1}")
-        masks.save(self._path(start, stop))
+        masks.save(self.path(start, stop))
 
     def load(self, start: int, stop: int, expect: Mapping[str, Any] | None = None) -> MaskSet | None:
         """The masks of images ``start .. stop - 1`` when that chunk was saved, else ``None``; a chunk
         whose metadata differs from ``expect`` (e.g. another model's masks) is refused."""
-        path = self._path(start, stop)
+        path = self.path(start, stop)
         if not path.is_file():
             return None
         try:
@@ -144,3 +185,54 @@ class MaskStore:
         if not spans or spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
             raise RunDirError(f"{self.folder} does not hold a complete set of masks; run the experiment to finish it")
         return MaskSet.concatenate([self.load(start, stop) for start, stop in spans])
+
+
+class MetricsLog:
+    """Log each epoch's metrics to ``run_dir/metrics.jsonl`` and, with ``tensorboard``, as
+    TensorBoard scalars ``<stage>/<metric>`` in ``run_dir/tensorboard``; a context manager.
+
+    Call it with one epoch's metrics (a dict with ``stage`` and ``epoch``, as :func:`~masktune.train_erm`
+    passes to ``on_epoch``); ``metrics.jsonl`` gets the dict plus ``elapsed_s`` (seconds since the
+    log was opened) as one line. The file is rewritten atomically after each epoch, so it is always
+    complete; a resumed run keeps the lines already there and appends its own. With ``enabled``
+    false (processes other than rank 0) it records nothing.
+    """
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if tensorboard and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise MaskTuneError(
+                    "--tensorboard needs the tensorboard package; install it with "
+                    "`pip install 'masktune[tensorboard]'` or run without --tensorboard"
+                ) from error
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.lines: list[str] = self.path.read_text().splitlines() if enabled and self.path.is_file() else []
+        self.started = time.perf_counter()
+
+    def __call__(self, metrics: dict) -> None:
+        """Record one epoch."""
+        if not self.enabled:
+            return
+        self.lines.append(json.dumps({**metrics, "elapsed_s": round(time.perf_counter() - self.started, 3)}))
+        atomic_write_bytes(self.path, "".join(line + "\n" for line in self.lines).encode())
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key not in ("stage", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{metrics['stage']}/{key}", value, metrics["epoch"])
+            self.writer.flush()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if any."""
+        if self.writer is not None:
+            self.writer.close()

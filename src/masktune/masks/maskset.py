@@ -16,16 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ._io import save_torch
-from .errors import MaskTuneError
+from ..errors import MaskSetError
+from ..storage import load_torch, save_torch
 
 FORMAT = "masktune.maskset"
 VERSION = 1
 _BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-class MaskSetError(MaskTuneError, ValueError):
-    """A mask set cannot be read, or does not match the dataset or model it is used with."""
 
 
 def pack_bits(masks: torch.Tensor) -> torch.Tensor:
@@ -124,10 +120,7 @@ class MaskSet:
         path = Path(path)
         if not path.is_file():
             raise MaskSetError(f"mask set {path} does not exist; pass the masks/*.pt file of an earlier run")
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for a truncated or foreign file
-            raise MaskSetError(f"cannot read mask set {path} ({error}); it is damaged or not a mask set") from error
+        stored = load_torch(path, error=MaskSetError, fix="it is damaged or not a mask set; recompute the masks")
         if not isinstance(stored, dict) or stored.get("format") != FORMAT:
             raise MaskSetError(f"{path} is not a masktune mask set; pass a file written by MaskSet.save")
         if stored.get("version") != VERSION:

@@ -1,149 +1,28 @@
-"""Loaders of the paper's other datasets, each reading the real on-disk format (SPEC.md section 3).
+"""Loaders of the paper's other datasets, each reading the real on-disk format (SPEC.md section 3):
+Waterbirds, CelebA, ImageNet-9L / the Background Challenge, CIFAR-10, SVHN, Cats vs Dogs, and any
+grouped image dataset described by a CSV file.
 
-Every loader returns plain :class:`torch.utils.data.Dataset` objects that yield ``(image, label)``:
-the image is the deterministic *mask view* (decoded, resized and centre-cropped to the model input,
-raw values in [0, 1], no normalisation), so saliency masks are computed and applied in the geometry
-the model sees; normalisation lives in the model (:class:`masktune.models.Normalized`) and random
-augmentation in the training loop (:class:`masktune.augment.BatchAugment`). Datasets of image files
-decode lazily with PIL, one file per item (use DataLoader workers); CIFAR-10 and SVHN are small
-enough to hold in memory as uint8. Per-sample ``metadata["spurious"]`` defines the groups.
+Each returns plain datasets yielding ``(image, label)`` in the mask view: :class:`ImageFiles` for
+image files, :class:`ImageDataset` (uint8 in memory) for CIFAR-10 and SVHN. Per-sample
+``metadata["spurious"]`` defines the groups.
 """
 
 from __future__ import annotations
 
-import csv
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from .data import DataError, ImageDataset
+from ..errors import DataError
+from .base import ImageDataset
+from .files import ImageFiles, ImageView, int_column, read_csv, require, scan_class_folders
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IN9L_TESTS = ("original", "mixed_same", "mixed_rand", "mixed_next")
 SPLITS = {"0": "train", "1": "val", "2": "test"}  # Waterbirds / CelebA split codes
-
-
-class CorruptImageError(DataError):
-    """An image file cannot be opened or decoded; the message names the file."""
-
-
-@dataclass(frozen=True)
-class ImageView:
-    """How an image file becomes the mask view: optional centre square crop (the shorter side), then
-    ``resize`` (an int resizes the shorter side, keeping the aspect ratio; a (height, width) pair
-    resizes to exactly that), then a centre crop to ``size`` (height, width)."""
-
-    size: tuple[int, int]
-    resize: int | tuple[int, int] | None = None
-    square_first: bool = False
-
-
-def read_image(path: str | Path, view: ImageView) -> Tensor:
-    """The image at ``path`` as RGB float32 ``[3, H, W]`` in [0, 1], in the geometry of ``view``.
-
-    Raises :class:`CorruptImageError` naming the file when it is missing, truncated or not an image.
-    """
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as TF
-
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise CorruptImageError(
-            f"cannot read image {path}: {exc}. The file is missing, truncated or not an image; restore it from "
-            "the original archive, or remove it (and its metadata row) from the dataset"
-        ) from exc
-    if view.square_first:
-        image = TF.center_crop(image, [min(image.size)])
-    if view.resize is not None:
-        resize = [view.resize] if isinstance(view.resize, int) else list(view.resize)
-        image = TF.resize(image, resize, interpolation=TF.InterpolationMode.BILINEAR)
-    if (image.height, image.width) != tuple(view.size):
-        image = TF.center_crop(image, list(view.size))
-    return TF.pil_to_tensor(image).float().div_(255)
-
-
-class ImageFiles(Dataset):
-    """Images decoded lazily from files: yields ``(image [3, H, W] in [0, 1], label)``.
-
-    ``labels`` (int64 [N]) and ``metadata`` (per-sample tensors, e.g. ``"spurious"``) are held in
-    memory, so labels and groups are known without decoding a single image.
-    """
-
-    def __init__(self, paths: Sequence[str | Path], labels: Tensor, view: ImageView,
-                 metadata: dict[str, Tensor] | None = None, name: str = "") -> None:
-        self.paths = [str(p) for p in paths]
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.view = view
-        self.metadata = dict(metadata or {})
-        self.name = name
-        if len(self.labels) != len(self.paths) or any(len(v) != len(self.paths) for v in self.metadata.values()):
-            raise DataError(f"{name}: paths, labels and metadata must have one entry per image")
-
-    def __len__(self) -> int:
-        """Number of images."""
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        """Image ``index`` as (float32 image [3, H, W] in [0, 1], int label)."""
-        return read_image(self.paths[index], self.view), int(self.labels[index])
-
-    def select(self, index: Tensor) -> ImageFiles:
-        """The images at ``index`` (a 1-D index tensor), metadata included."""
-        return ImageFiles([self.paths[i] for i in index.tolist()], self.labels[index], self.view,
-                          {k: v[index] for k, v in self.metadata.items()}, self.name)
-
-    def subset(self, n: int) -> ImageFiles:
-        """The first ``n`` images (all of them if ``n >= len(self)``)."""
-        return self.select(torch.arange(min(n, len(self))))
-
-
-def holdout(dataset: ImageDataset | ImageFiles, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """A seeded random split into (rest, held out), holding out ``floor(fraction * N)`` samples."""
-    if not 0 < fraction < 1:
-        raise DataError(f"the validation fraction must be in (0, 1), got {fraction}")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    cut = int(fraction * len(dataset))
-    parts = order[cut:], order[:cut]
-    if isinstance(dataset, ImageFiles):
-        return dataset.select(parts[0]), dataset.select(parts[1])
-    return tuple(ImageDataset(dataset.images[p], dataset.labels[p], {k: v[p] for k, v in dataset.metadata.items()},
-                              dataset.name) for p in parts)
-
-
-def _require(path: Path, what: str, how: str) -> Path:
-    if not path.exists():
-        raise DataError(f"{what} not found: expected {path}. {how}")
-    return path
-
-
-def _read_csv(path: Path, required: Sequence[str], how: str) -> list[dict[str, str]]:
-    _require(path, path.name, how)
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = [c.strip() for c in reader.fieldnames or []]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise DataError(f"{path} lacks the column(s) {', '.join(missing)}; its columns: {', '.join(columns)}. {how}")
-    return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in rows]
-
-
-def _int_column(rows: list[dict[str, str]], column: str, path: Path) -> Tensor:
-    try:
-        return torch.tensor([int(row[column]) for row in rows], dtype=torch.long)
-    except ValueError as exc:
-        raise DataError(f"{path}: column {column!r} must hold integers ({exc})") from exc
 
 
 def _split_sets(codes: Tensor, path: Path, build: Callable[[str, Tensor], ImageFiles]) -> dict[str, ImageFiles]:
@@ -169,10 +48,10 @@ def load_waterbirds(root: str | Path, image_size: int = 224) -> dict[str, ImageF
     (256/224 * size) squared, centre crop ``image_size``."""
     root = Path(root)
     path = root / "metadata.csv"
-    rows = _read_csv(path, ("img_filename", "y", "split", "place"), WATERBIRDS_HOW)
+    rows = read_csv(path, ("img_filename", "y", "split", "place"), WATERBIRDS_HOW)
     resized = int(image_size * 256 / 224)
     view = ImageView((image_size, image_size), resize=(resized, resized))
-    labels, places, splits = (_int_column(rows, c, path) for c in ("y", "place", "split"))
+    labels, places, splits = (int_column(rows, c, path) for c in ("y", "place", "split"))
     return _split_sets(splits, path, lambda name, index: ImageFiles(
         [root / rows[i]["img_filename"] for i in index.tolist()], labels[index], view,
         {"spurious": places[index].bool()}, f"waterbirds/{name}"))
@@ -191,15 +70,15 @@ def load_celeba(root: str | Path, target: str = "Blond_Hair", spurious: str = "M
     authors: centre square crop (178 px), resized to ``image_size``."""
     root = Path(root)
     attr_path, split_path = root / "list_attr_celeba.csv", root / "list_eval_partition.csv"
-    attrs = _read_csv(attr_path, ("image_id",), CELEBA_HOW)
+    attrs = read_csv(attr_path, ("image_id",), CELEBA_HOW)
     for attribute in (target, spurious):
         if attrs and attribute not in attrs[0]:
             names = ", ".join(k for k in attrs[0] if k != "image_id")
             raise DataError(f"CelebA has no attribute {attribute!r}; attributes: {names}")
-    partition_rows = _read_csv(split_path, ("image_id", "partition"), CELEBA_HOW)
+    partition_rows = read_csv(split_path, ("image_id", "partition"), CELEBA_HOW)
     partition = dict(zip((row["image_id"] for row in partition_rows),
-                         _int_column(partition_rows, "partition", split_path).tolist()))
-    images = _require(root / "img_align_celeba", "CelebA image folder", CELEBA_HOW)
+                         int_column(partition_rows, "partition", split_path).tolist()))
+    images = require(root / "img_align_celeba", "CelebA image folder", CELEBA_HOW)
     if (images / "img_align_celeba").is_dir():
         images = images / "img_align_celeba"
     missing = [row["image_id"] for row in attrs if row["image_id"] not in partition]
@@ -207,7 +86,7 @@ def load_celeba(root: str | Path, target: str = "Blond_Hair", spurious: str = "M
         raise DataError(f"{split_path} has no partition for {len(missing)} image(s), e.g. {missing[0]}")
 
     def flags(attribute: str) -> Tensor:
-        values = _int_column(attrs, attribute, attr_path)
+        values = int_column(attrs, attribute, attr_path)
         if not ((values == 1) | (values == -1)).all():
             raise DataError(f"{attr_path}: attribute {attribute!r} must be -1 or 1 in every row")
         return values == 1
@@ -219,22 +98,6 @@ def load_celeba(root: str | Path, target: str = "Blond_Hair", spurious: str = "M
         [images / attrs[i]["image_id"] for i in index.tolist()], labels[index], view,
         {"spurious": spurious_flags[index]}, f"celeba/{name}"))
 
-
-def scan_class_folders(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[Path], Tensor, list[str]]:
-    """Image files in ``folder/<class>/`` (ImageFolder layout): sorted paths, labels (class index in
-    ``classes``, default: the sorted sub-folder names) and the class names. Other files are ignored."""
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    classes = list(classes) if classes is not None else found
-    if sorted(classes) != found:
-        raise DataError(f"{folder} has class folders {found}, expected {sorted(classes)} (as in the training set)")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
-        raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)} in its class folders)")
-    return paths, torch.tensor(labels, dtype=torch.long), classes
 
 
 IN9L_HOW = ("The Background Challenge (github.com/MadryLab/backgrounds_challenge) provides the test variants "
@@ -283,7 +146,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    _require(path, "CIFAR-10 batch", CIFAR10_HOW)
+    require(path, "CIFAR-10 batch", CIFAR10_HOW)
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
@@ -322,7 +185,7 @@ def load_svhn(root: str | Path) -> dict[str, ImageDataset]:
         raise DataError("reading SVHN's .mat files needs scipy: pip install scipy (or masktune[datasets])") from exc
     result = {}
     for split in ("train", "test"):
-        path = _require(Path(root) / f"{split}_32x32.mat", f"SVHN {split} file", SVHN_HOW)
+        path = require(Path(root) / f"{split}_32x32.mat", f"SVHN {split} file", SVHN_HOW)
         try:
             mat = loadmat(path)
             images = torch.from_numpy(np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1)))
@@ -346,7 +209,7 @@ def load_cats_vs_dogs(root: str | Path, image_size: int = 64) -> dict[str, Image
     root = Path(root)
     view = ImageView((image_size, image_size), resize=(image_size, image_size))
     for split in ("train", "test"):
-        _require(root / split, f"Cats vs Dogs {split} folder", CATS_VS_DOGS_HOW)
+        require(root / split, f"Cats vs Dogs {split} folder", CATS_VS_DOGS_HOW)
     paths, labels, classes = scan_class_folders(root / "train")
     test_paths, test_labels, _ = scan_class_folders(root / "test", classes)
     return {"train": ImageFiles(paths, labels, view, name="catsvsdogs/train"),
@@ -366,7 +229,7 @@ def load_image_csv(root: str | Path, csv_file: str = "metadata.csv", *, path_col
     path = root / csv_file
     how = (f"write {path} with columns {path_column}, {label_column}, {split_column} and optionally "
            f"{spurious_column}; the column names are options (data.path_column, ...)")
-    rows = _read_csv(path, (path_column, label_column, split_column), how)
+    rows = read_csv(path, (path_column, label_column, split_column), how)
     if not rows:
         raise DataError(f"{path} has no rows")
     raw_labels = [row[label_column] for row in rows]
@@ -375,7 +238,7 @@ def load_image_csv(root: str | Path, csv_file: str = "metadata.csv", *, path_col
     else:
         names = sorted(set(raw_labels))
         labels = torch.tensor([names.index(v) for v in raw_labels])
-    metadata = {"spurious": _int_column(rows, spurious_column, path)} if spurious_column in rows[0] else {}
+    metadata = {"spurious": int_column(rows, spurious_column, path)} if spurious_column in rows[0] else {}
     splits = [SPLITS.get(row[split_column], row[split_column]) for row in rows]
     if "train" not in splits:
         raise DataError(f"{path}: no row has {split_column} = train (or 0); found {sorted(set(splits))}")

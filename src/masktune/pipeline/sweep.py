@@ -15,17 +15,21 @@ import json
 import math
 import re
 import statistics
-import sys
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import distributed
-from ._io import atomic_write_bytes
-from .experiments import ConfigError, RunConfig, get_experiment, make_config, parse_overrides, run_experiment
-from .rundir import RunDirError, RunLock, config_differences
-from .runner import saved_config
+from typing import Any
+
+from .. import distributed
+from ..errors import ConfigError, RunDirError
+from ..storage import atomic_write_bytes
+from .config import RunConfig, parse_overrides
+from .registry import get_experiment, make_config
+from .results import saved_config
+from .rundir import RunLock, config_differences
+from .runner import check_config, run_experiment
 
 
 @dataclass
@@ -68,10 +72,11 @@ def _folder_name(setting: dict[str, str], seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", "_".join(parts))
 
 
-def plan(experiment: str, seeds: list[int], grid: list[str], fixed: dict[str, str], out: Path) -> list[SweepRun]:
+def plan(experiment: str, seeds: list[int], grid: list[str], fixed: dict[str, Any], out: Path) -> list[SweepRun]:
     """Every run of the sweep, each setting of the grid (``["key=v1,v2", ...]``) with every seed.
 
-    ``fixed`` holds overrides shared by all runs. Every configuration is checked before any runs.
+    ``fixed`` holds overrides shared by all runs (typed values or text). Every configuration is
+    checked before any runs.
     """
     axes = {key: grid_values(experiment, key, text) for key, text in parse_overrides(grid).items()}
     for key in ("seed", "out"):
@@ -84,8 +89,8 @@ def plan(experiment: str, seeds: list[int], grid: list[str], fixed: dict[str, st
         setting = {key: values[key] for key in varying}
         for seed in seeds:
             name = _folder_name(setting, seed)
-            config = make_config(experiment, fixed | values | {"seed": str(seed), "out": str(out / name)})
-            config.validate()
+            config = make_config(experiment, fixed | values | {"seed": seed, "out": str(out / name)})
+            check_config(config)
             runs.append(SweepRun(name, seed, setting, config))
     return runs
 
@@ -113,9 +118,9 @@ def run_sweep(runs: list[SweepRun], out: Path, *, progress: bool = True) -> list
                             f"{out} recorded run {run.name} with other settings ({'; '.join(differences)}); "
                             "repeat the sweep's earlier command, or pass another --out"
                         )
-                    _say(f"{run.name} finished before; skipped", progress)
+                    distributed.note(f"sweep: {run.name} finished before; skipped", progress)
                     continue
-                _say(f"run {run.name}", progress)
+                distributed.note(f"sweep: run {run.name}", progress)
                 results = run_experiment(run.config, progress=progress)
                 records[run.name] = {"name": run.name, "seed": run.seed, "setting": run.setting,
                                      "out": str(run.config.out_dir), "config": expected,
@@ -129,11 +134,6 @@ def run_sweep(runs: list[SweepRun], out: Path, *, progress: bool = True) -> list
                 atomic_write_bytes(out / "summary.md", (markdown_table(rows) + "\n").encode())
                 atomic_write_bytes(out / "summary.csv", csv_table(rows).encode())
     return finished
-
-
-def _say(message: str, progress: bool) -> None:
-    if progress and distributed.is_main():
-        print(f"masktune: sweep: {message}", file=sys.stderr)
 
 
 def _setting_label(setting: dict[str, str]) -> str:

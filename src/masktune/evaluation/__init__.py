@@ -1,0 +1,8 @@
+"""Evaluation: accuracy per test set and group, mask diagnostics, and selective classification."""
+
+from .diagnostics import mask_diagnostics
+from .metrics import bg_gap, evaluate, evaluate_logits, group_counts, group_metrics
+from .selective import COVERAGES, selective_classification
+
+__all__ = ["COVERAGES", "bg_gap", "evaluate", "evaluate_logits", "group_counts", "group_metrics", "mask_diagnostics",
+           "selective_classification"]

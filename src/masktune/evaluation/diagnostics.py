@@ -1,0 +1,61 @@
+"""Mask diagnostics: how much of the image the masks hide, and how well they cover a known spurious
+feature (on the images that carry it, split by whether their label is the one it points to)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..masks.maskset import MaskSet
+
+
+def _masked_counts(masks: MaskSet | torch.Tensor, region: torch.Tensor | None,
+                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per image: the number of masked pixels, and of those inside ``region`` (one chunk of masks
+    unpacked at a time)."""
+    totals, insides = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for start in range(0, len(masks), chunk):
+        block = masks[start:start + chunk]
+        totals.append(block.flatten(1).sum(1))
+        if region is not None:
+            insides.append((block & region).flatten(1).sum(1))
+    return torch.cat(totals).float(), torch.cat(insides).float() if region is not None else None
+
+
+def mask_diagnostics(masks: MaskSet | torch.Tensor, spurious: torch.Tensor | None = None,
+                     region: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
+    """How much the masks hide, and how much of the spurious ``region`` [H, W] they cover.
+
+    ``masks`` is a :class:`~masktune.MaskSet` or a bool tensor [N, H, W].
+    ``masked_percent``: masked pixels over all pixels. With ``region`` and the per-image
+    ``spurious`` flag, over the images that carry the feature: ``region_coverage_percent`` (mean
+    share of the region's pixels masked), ``region_fully_covered_percent`` (images whose whole
+    region is masked) and ``masked_inside_region_percent`` (share of their masked pixels that lie
+    in the region). With ``labels`` too, the images that carry the feature are split into
+    *aligned* ones (their label is the one the feature mostly comes with: the shortcut) and
+    *conflicting* ones, and ``aligned_region_fully_covered_percent`` and
+    ``conflicting_region_fully_covered_percent`` say how often each has its whole region masked.
+    A model that uses the shortcut but recognises the conflicting images by other features should
+    mask the region on the aligned images only.
+    """
+    has_feature = region is not None and spurious is not None and bool(spurious.any())
+    per_image, inside_all = _masked_counts(masks, region if has_feature else None)
+    result = {
+        "masked_percent": 100.0 * per_image.mean().item() / (masks.shape[-2] * masks.shape[-1]),
+        "masked_pixels_per_image": per_image.mean().item(),
+    }
+    if not has_feature:
+        return result
+    carried = spurious.bool()
+    inside = inside_all[carried]
+    masked = per_image[carried]
+    full = inside == region.sum()
+    result["region_coverage_percent"] = 100.0 * (inside / region.sum()).mean().item()
+    result["region_fully_covered_percent"] = 100.0 * full.float().mean().item()
+    result["masked_inside_region_percent"] = 100.0 * inside.sum().item() / max(masked.sum().item(), 1.0)
+    if labels is not None:
+        carried_labels = labels[carried]
+        aligned = carried_labels == carried_labels.mode().values
+        for name, share in (("aligned", aligned), ("conflicting", ~aligned)):
+            if share.any():
+                result[f"{name}_region_fully_covered_percent"] = 100.0 * full[share].float().mean().item()
+    return result

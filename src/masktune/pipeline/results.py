@@ -1,0 +1,67 @@
+"""What a run records about itself: the configuration as saved, the wall time of each stage, the
+versions and hardware, and the results dictionary written as ``results.json``."""
+
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Iterator
+
+import torch
+
+from .. import __version__, distributed
+from .config import RunConfig
+from .registry import Experiment
+
+
+class StageTimer:
+    """Wall time of each named stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Versions and hardware, for the results file."""
+    return {
+        "masktune": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+def saved_config(spec: Experiment, config: RunConfig) -> dict:
+    """The configuration as ``config.json`` records it (a resumed run must match it)."""
+    return {"experiment": spec.name, "version": spec.version, **asdict(config),
+            "world_size": distributed.launched_world_size()}
+
+
+def results_record(spec: Experiment, config: RunConfig, device: torch.device, sizes: dict[str, int],
+                   outcome: dict, timer: StageTimer, resumed: bool) -> dict:
+    """The dictionary written as ``results.json``; ``outcome`` holds ``accuracy`` and the other
+    figures of the evaluation, ``masking``, ``erm_best_epoch`` and ``history``."""
+    timer.seconds["total"] = round(sum(timer.seconds.values()), 3)
+    recorded = asdict(config)
+    recorded.update(out=str(config.out_dir), finetune_lr=config.tuning_lr, methods=list(config.methods),
+                    version=spec.version)
+    return {
+        "config": recorded,
+        "environment": {**environment(device), "world_size": str(distributed.world_size())},
+        "sizes": sizes,
+        **outcome,
+        "timings_s": timer.seconds,
+        "resumed": resumed,
+    }
