@@ -34,7 +34,7 @@ import torch
 
 from masktune import SmallCNN, compute_masks
 from masktune.data import BiasedMNISTConfig, ImageDataset, load_mnist, make_biased_mnist
-from masktune.training import make_loader
+from masktune.data import make_loader
 
 PATHS = {
     "native": "(a) masktune native",

@@ -7,8 +7,7 @@ the pipeline of a run (:mod:`masktune.pipeline`) and its report (:mod:`masktune.
 names below are the public API; everything a user composes is here.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .data import (  # noqa: E402
     BatchAugment,
     BiasedMNISTConfig,

@@ -211,7 +211,7 @@ class _LayerOutput:
     calls: int = 0
     done: int = 0  # when its (last) call finished, in hook order: a block finishes after its children
     output: object = None
-    values: tuple[float, float] | None = None  # sum and sum of squares of the output when it was made
+    version: int = -1  # the output's in-place version counter when it was made
     spatial: bool = False
     pooled: bool = False
 
@@ -232,8 +232,7 @@ def _trace_layers(model: nn.Module, example: torch.Tensor) -> list[_LayerOutput]
         record.done, record.output = next(finished), output
         if not isinstance(output, torch.Tensor):
             return
-        flat = output.detach().float()
-        record.values = (flat.sum().item(), flat.square().sum().item())
+        record.version = output._version
         from_pool = any(id(x) in pooled for x in inputs) and next(module.parameters(), None) is None
         record.pooled = isinstance(module, _POOLING) or id(output) in pooled or from_pool
         if record.pooled:
@@ -275,7 +274,7 @@ def _automatic_layer(model: nn.Module, example: torch.Tensor) -> str:
             "a CAM on; masktune needs a convolutional feature map"
         )
     last = usable[-1]
-    same = [r for r in usable if r.output is last.output and r.values == last.values]
+    same = [r for r in usable if r.output is last.output and r.version == last.version]
     leaves = [r for r in same if r.leaf]
     return leaves[-1].name if leaves else same[0].name
 

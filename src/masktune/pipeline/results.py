@@ -11,7 +11,8 @@ from typing import Iterator
 
 import torch
 
-from .. import __version__, distributed
+from .. import distributed
+from ..version import __version__
 from .config import RunConfig
 from .registry import Experiment
 

@@ -1,6 +1,7 @@
 """Reporting: the text tables a run prints, and the HTML report of a run with its figures."""
 
-from .report import load_run, write_report
+from .figures import saliency_grid
+from .report import load_run, training_groups, write_report
 from .tables import results_table, selective_table
 
-__all__ = ["load_run", "results_table", "selective_table", "write_report"]
+__all__ = ["load_run", "results_table", "saliency_grid", "selective_table", "training_groups", "write_report"]

@@ -16,7 +16,7 @@ import io
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -168,16 +168,7 @@ def saliency_grid(
             sub.suptitle(title, fontsize=10)
         axes = sub.subplots(len(rows), count, squeeze=False)
         for j in range(count):
-            i = start + j
-            _show(axes[0, j], panels.images[i])
-            axes[0, j].set_title(f"label {name(int(panels.labels[i]))}", fontsize=9)
-            _show(axes[2, j], panels.masks[i][None].float())
-            _show(axes[3, j], panels.masked[i])
-            for row, shown in ((1, model_name), *((4 + r, tuned) for r, tuned in enumerate(finetuned or {}))):
-                _show(axes[row, j], panels.images[i], panels.heatmaps[shown][i])
-                predicted = int(panels.predictions[shown][i])
-                axes[row, j].set_xlabel(f"pred {name(predicted)} ({panels.confidences[shown][i]:.0%})", fontsize=8,
-                                        color="#1a7f37" if predicted == int(panels.labels[i]) else "#c62828")
+            _draw_column(axes[:, j], panels, start + j, [model_name, *(finetuned or {})], name)
         if g == 0:
             for row, label in enumerate(rows):
                 axes[row, 0].set_ylabel(label, fontsize=9)
@@ -187,6 +178,21 @@ def saliency_grid(
     colourbar.set_label("heat", fontsize=8)
     colourbar_axes.tick_params(labelsize=7)
     return figure
+
+
+def _draw_column(axes: Sequence[Axes], panels: SaliencyPanels, i: int, models: Sequence[str],
+                 name: Callable[[int], str]) -> None:
+    """Image ``i``'s column: the image, the first model's heatmap, its mask, the masked image, then
+    each later model's heatmap; under each heatmap the prediction (green when correct)."""
+    _show(axes[0], panels.images[i])
+    axes[0].set_title(f"label {name(int(panels.labels[i]))}", fontsize=9)
+    _show(axes[2], panels.masks[i][None].float())
+    _show(axes[3], panels.masked[i])
+    for row, shown in zip((1, *range(4, 4 + len(models) - 1)), models):
+        _show(axes[row], panels.images[i], panels.heatmaps[shown][i])
+        predicted = int(panels.predictions[shown][i])
+        axes[row].set_xlabel(f"pred {name(predicted)} ({panels.confidences[shown][i]:.0%})", fontsize=8,
+                             color="#1a7f37" if predicted == int(panels.labels[i]) else "#c62828")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -1,0 +1,3 @@
+"""The version of masktune."""
+
+__version__ = "0.1.0"
