@@ -43,6 +43,7 @@ RUN_FLAGS = {
     "iterations": (int, "MaskTune iterations: each one after the first re-masks with the finetuned model"),
     "masks": (str, "reuse this saved mask set (OUT/masks/masktune.pt of an earlier run)"),
     "num_workers": (int, "data-loader worker processes"),
+    "cache_dir": (str, "folder of the decoded-image cache of image-file datasets (default: $MASKTUNE_HOME/images)"),
 }
 DATA_FLAGS = {
     "conflicting_ratio": (float, "share of class-1 images with the feature (and of class-0 images without)"),
@@ -53,7 +54,7 @@ DATA_FLAGS = {
     "val_size": (int, "training images held out for validation"),
     "selection": (str, "which images carry the feature: authors (digit order) or random"),
 }
-SWITCHES = {"accumulate": True, "tensorboard": True, "pretrained": False}
+SWITCHES = {"accumulate": True, "tensorboard": True, "pretrained": False, "cache": False}
 
 
 def _add_run_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
@@ -70,6 +71,8 @@ def _add_run_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...]
                         help="also log per-epoch metrics for TensorBoard (needs pip install 'masktune[tensorboard]')")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
                         help="random initialisation instead of pretrained (ImageNet) weights")
+    parser.add_argument("--no-cache", dest="cache", action="store_const", const=False,
+                        help="decode image files in every stage (the lazy PIL path) instead of caching them once")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

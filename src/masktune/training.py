@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data.base import check_labels, labels_of
-from .data.loader import make_loader
+from .data.loader import make_loader, to_device
 from .errors import ConfigError, TrainingError
 from .models import eval_mode, fastest_memory_format, place
 from .storage import load_torch, save_torch
@@ -115,7 +115,7 @@ def train_epoch(
     seen = 0
     memory_format = None
     for images, labels, *_ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True)
+        images = to_device(images, device)
         if augment is not None:
             images = _augmented(augment, images)
         if memory_format is None:
@@ -163,7 +163,7 @@ def predict(
     memory_format = None
     with eval_mode(model):
         for images, *_ in make_loader(dataset, batch_size, num_workers=num_workers, device=device):
-            images = images.to(device, non_blocking=True)
+            images = to_device(images, device)
             if memory_format is None:
                 memory_format = fastest_memory_format(model, images[:1])
             outputs.append(model(images.contiguous(memory_format=memory_format)).float().cpu())

@@ -38,6 +38,11 @@ def read_image(path: str | Path, view: ImageView) -> Tensor:
 
     Raises :class:`CorruptImageError` naming the file when it is missing, truncated or not an image.
     """
+    return decode_image(path, view).float().div_(255)
+
+
+def decode_image(path: str | Path, view: ImageView) -> Tensor:
+    """The image at ``path`` as RGB uint8 ``[3, H, W]`` in the geometry of ``view`` (see :func:`read_image`)."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
@@ -56,7 +61,7 @@ def read_image(path: str | Path, view: ImageView) -> Tensor:
         image = TF.resize(image, resize, interpolation=TF.InterpolationMode.BILINEAR)
     if (image.height, image.width) != tuple(view.size):
         image = TF.center_crop(image, list(view.size))
-    return TF.pil_to_tensor(image).float().div_(255)
+    return TF.pil_to_tensor(image)
 
 
 class ImageFiles(Dataset):
@@ -92,7 +97,6 @@ class ImageFiles(Dataset):
     def subset(self, n: int) -> ImageFiles:
         """The first ``n`` images (all of them if ``n >= len(self)``)."""
         return self.select(torch.arange(min(n, len(self))))
-
 
 
 def scan_class_folders(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[Path], Tensor, list[str]]:

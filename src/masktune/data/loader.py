@@ -78,6 +78,13 @@ def make_loader(
     )
 
 
+def to_device(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch of images on ``device`` as float in [0, 1]. A uint8 batch (0..255, e.g. from the
+    decoded-image cache) crosses to the device as bytes and becomes float there."""
+    images = images.to(device, non_blocking=True)
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
 def first_batch(dataset: Dataset, device: torch.device | str) -> torch.Tensor:
     """The first image of ``dataset`` as a batch of one, on ``device``."""
     if len(dataset) == 0:

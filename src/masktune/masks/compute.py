@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data.loader import first_batch, make_loader
+from ..data.loader import first_batch, make_loader, to_device
 from ..models import fastest_memory_format, fold_batchnorm, place, resolve_cam_layer
 from ..saliency import CAM, get_method, saliency_maps
 from .maskset import MaskSet, model_fingerprint, pack_bits
@@ -53,7 +53,7 @@ def compute_masks(
     packed = []
     loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
     for images, *_ in tqdm(loader, desc="masking", unit="batch", disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True)
+        images = to_device(images, device)
         images = (preprocess(images) if preprocess else images).contiguous(memory_format=memory_format)
         heat, _ = saliency_maps(folded, images, cam_layer, method=cam, amp=amp)
         packed.append(pack_bits(rule(heat)).cpu())

@@ -21,7 +21,8 @@ def stretch_masks(masks: torch.Tensor, size: tuple[int, int] | torch.Size) -> to
 
 
 class MaskedDataset(Dataset):
-    """``base`` with ``masks`` applied on the fly: masked pixels are set to ``fill`` in every channel.
+    """``base`` with ``masks`` applied on the fly: masked pixels are set to ``fill`` (on the raw [0, 1]
+    scale) in every channel.
 
     ``base`` yields raw images (before normalisation) as tensors [C, H, W]; ``masks`` is a
     :class:`~masktune.MaskSet` or a bool tensor [N, H, W]. Random augmentation belongs after
@@ -56,7 +57,8 @@ class MaskedDataset(Dataset):
                 "masks must be computed in the geometry of the images they are applied to "
                 "(or pass geometry='authors' to stretch them over the raw images)"
             )
-        return images.masked_fill(masks.unsqueeze(-3), self.fill)
+        fill = round(self.fill * 255) if images.dtype == torch.uint8 else self.fill  # a uint8 batch: 0..255
+        return images.masked_fill(masks.unsqueeze(-3), fill)
 
     def __getitem__(self, index: int) -> tuple:
         image, *rest = self.base[index]

@@ -25,7 +25,9 @@ class RunConfig:
     """Every setting of a run. An experiment's ``defaults`` replace these defaults; ``data`` holds
     the options of the experiment's data builder. ``pretrained`` loads pretrained weights where the
     experiment's model has them; ``selective`` adds selective classification (ERM alone and the
-    MaskTune rule) at ``coverages`` (%) on the test set ``selective_test`` (default: the first)."""
+    MaskTune rule) at ``coverages`` (%) on the test set ``selective_test`` (default: the first).
+    ``cache`` reads image-file datasets from their decoded-image cache (in ``cache_dir``, default
+    ``$MASKTUNE_HOME/images``) instead of decoding every file in every stage."""
 
     experiment: str = "biased-mnist"
     seed: int = 0
@@ -48,6 +50,8 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     num_workers: int = 0
+    cache: bool = True
+    cache_dir: str | None = None
     tensorboard: bool = False
     optimizer: str = "sgd"
     pretrained: bool = True

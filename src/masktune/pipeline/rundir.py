@@ -22,7 +22,7 @@ from ..storage import atomic_write_bytes
 T = TypeVar("T")
 
 # Settings that do not change a run's results: a run may resume with other values.
-RESUMABLE_CHANGES = ("out", "num_workers")
+RESUMABLE_CHANGES = ("out", "num_workers", "cache", "cache_dir")
 
 
 class RunLock:

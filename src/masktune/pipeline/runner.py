@@ -66,7 +66,7 @@ def _run(spec: Experiment, config: RunConfig, device: torch.device, run: RunDir,
     timer = StageTimer()
     torch.manual_seed(config.seed)
     with timer("data"):
-        data = stages.load_data(spec, config)
+        data = stages.load_data(spec, config, progress)
     model = spec.build_model(config, data.experiment.num_classes)
     recipe = stages.MaskRecipe(get_method(config.cam_method), make_rule(config.mask_rule, config.mask_param),
                                stages.check_inputs(data, model, config, device))

@@ -5,6 +5,7 @@ again loads it instead of computing it."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,8 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data.base import check_labels, labels_of, limited
+from ..data.cache import cache_images
+from ..data.files import ImageFiles
 from ..data.loader import first_batch
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation import evaluate_logits, group_counts, mask_diagnostics, selective_classification
@@ -47,12 +50,19 @@ class RunData:
                 **{name: len(dataset) for name, dataset in self.tests.items()}}
 
 
-def load_data(spec: Experiment, config: RunConfig) -> RunData:
-    """The experiment's data for ``config``, each split limited to ``config.limit`` images."""
+def load_data(spec: Experiment, config: RunConfig, progress: bool) -> RunData:
+    """The experiment's data for ``config``, each split limited to ``config.limit`` images; with
+    ``config.cache``, image-file splits are read from their decoded-image cache (built when missing)."""
     data = spec.build_data(config)
-    return RunData(data, limited(data.train, config.limit),
-                   limited(data.val, config.limit) if data.val is not None else None,
-                   {name: limited(dataset, config.limit) for name, dataset in data.tests.items()})
+
+    def prepared(dataset: Dataset) -> Dataset:
+        dataset = limited(dataset, config.limit)
+        if config.cache and isinstance(dataset, ImageFiles):
+            return cache_images(dataset, config.cache_dir, workers=os.cpu_count() or 1, progress=progress)
+        return dataset
+
+    return RunData(data, prepared(data.train), prepared(data.val) if data.val is not None else None,
+                   {name: prepared(dataset) for name, dataset in data.tests.items()})
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..data.base import labels_of, limited
-from ..data.loader import make_loader
+from ..data.loader import make_loader, to_device
 from ..errors import ReportError
 from ..masks import make_rule
 from ..models import model_device, place, resolve_cam_layer
@@ -147,7 +147,7 @@ def heat_share(model: nn.Module, dataset: Dataset, indices: Sequence[int], regio
     _, cam_layer = resolve_cam_layer(model, layer, dataset[0][0].unsqueeze(0), device=device)
     shares = []
     for images, *_ in make_loader(Subset(dataset, list(indices)), batch_size):
-        heat, _ = saliency_maps(model, images.to(device), cam_layer)
+        heat, _ = saliency_maps(model, to_device(images, device), cam_layer)
         shares.append(((heat * region.to(device)).sum((1, 2)) / heat.sum((1, 2)).clamp_min(1e-12)).cpu())
     return 100.0 * torch.cat(shares)
 

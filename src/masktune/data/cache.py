@@ -1,0 +1,150 @@
+"""The decoded-image cache: an image-file dataset decoded once, in its mask view, into a uint8
+memory-mapped file that every stage of a run, and later runs, read instead of the image files.
+
+The cache of a dataset lives in ``<cache dir>/<dataset name>-<view key>.u8`` (the cache dir is
+``$MASKTUNE_HOME/images`` unless given) with a JSON file beside it holding the image count and
+shape and a fingerprint of the file list (paths, sizes and modification times). It is built in
+parallel (DataLoader workers decode, the main process writes), written through a temporary file
+and renamed, its JSON file written last; on open the size and the fingerprint are checked, and a
+stale or incomplete cache is rebuilt. Processes that open the same cache at once take a file lock:
+one builds it, the others wait and then read it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..storage import masktune_home, write_json
+from .files import ImageFiles, decode_image
+
+CACHE_FORMAT = "masktune.images/1"
+
+
+def fingerprint(files: ImageFiles) -> str:
+    """SHA-256 of the view and of every file's path, size and modification time, in order."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{files.view!r}\n".encode())
+    for path in files.paths:
+        stat = os.stat(path) if os.path.exists(path) else None
+        digest.update(f"{path}\0{stat.st_size if stat else -1}\0{stat.st_mtime_ns if stat else -1}\n".encode())
+    return digest.hexdigest()
+
+
+class _Decoded(Dataset):
+    """The files of an :class:`ImageFiles` decoded to uint8, for the workers that build a cache."""
+
+    def __init__(self, files: ImageFiles) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return decode_image(self.files.paths[index], self.files.view)
+
+
+class CachedImages(Dataset):
+    """An :class:`ImageFiles` dataset read from its decoded-image cache (see :func:`cache_images`).
+
+    Samples are the same as the files' (``image [3, H, W]`` float in [0, 1], label), bit for bit;
+    batches (``__getitems__``) are uint8, so they cross the DataLoader as bytes and become float on
+    the device. ``labels``, ``metadata``, ``paths``, ``view`` and ``name`` are the files'.
+    """
+
+    def __init__(self, files: ImageFiles, array: np.ndarray, rows: Tensor | None = None) -> None:
+        self.files = files
+        self.array = array
+        self.rows = torch.arange(len(files)) if rows is None else rows
+        self.labels, self.metadata, self.paths = files.labels, files.metadata, files.paths
+        self.view, self.name = files.view, files.name
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """Image ``index`` as (float32 image [3, H, W] in [0, 1], int label)."""
+        return torch.from_numpy(np.array(self.array[int(self.rows[index])])).float().div_(255), int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """A batch as (uint8 images [B, 3, H, W], int64 labels [B])."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return torch.from_numpy(self.array[self.rows[index].numpy()]), self.labels[index]
+
+    def select(self, index: Tensor) -> CachedImages:
+        """The images at ``index`` (a 1-D index tensor), metadata included."""
+        return CachedImages(self.files.select(index), self.array, self.rows[index])
+
+    def subset(self, n: int) -> CachedImages:
+        """The first ``n`` images (all of them if ``n >= len(self)``)."""
+        return self.select(torch.arange(min(n, len(self))))
+
+
+def _cache_path(files: ImageFiles, folder: Path) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", files.name or "images")
+    return folder / f"{name}-{hashlib.sha256(repr(files.view).encode()).hexdigest()[:12]}.u8"
+
+
+def _valid(path: Path, meta_path: Path, shape: list[int], key: str) -> bool:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (meta.get("format") == CACHE_FORMAT and meta.get("shape") == shape and meta.get("fingerprint") == key
+            and path.is_file() and path.stat().st_size == int(np.prod(shape)))
+
+
+def _build(files: ImageFiles, path: Path, shape: list[int], workers: int, progress: bool) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=tuple(shape))
+        loader = DataLoader(_Decoded(files), batch_size=64, num_workers=workers)
+        start = 0
+        with tqdm(total=len(files), desc=f"caching {files.name or 'images'}", unit="image", disable=not progress,
+                  leave=False) as bar:
+            for batch in loader:
+                array[start:start + len(batch)] = batch.numpy()
+                start += len(batch)
+                bar.update(len(batch))
+        array.flush()
+        del array
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cache_images(files: ImageFiles, cache_dir: str | Path | None = None, *, workers: int = 2,
+                 progress: bool = True) -> CachedImages:
+    """``files`` read from their decoded-image cache, built first when missing or stale.
+
+    The cache holds every image in the mask view as uint8 (see the module's description); building
+    it decodes each file once with ``workers`` DataLoader worker processes. A file that cannot be
+    decoded stops the build with a :class:`~masktune.errors.CorruptImageError` naming it.
+    """
+    height, width = files.view.size
+    if len(files) == 0:
+        return CachedImages(files, np.zeros((0, 3, height, width), dtype=np.uint8))
+    folder = Path(cache_dir) if cache_dir is not None else masktune_home() / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = _cache_path(files, folder)
+    meta_path = path.with_name(path.name + ".json")
+    shape, key = [len(files), 3, height, width], fingerprint(files)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then find it built
+        if not _valid(path, meta_path, shape, key):
+            meta_path.unlink(missing_ok=True)
+            _build(files, path, shape, workers, progress)
+            write_json({"format": CACHE_FORMAT, "shape": shape, "fingerprint": key, "name": files.name}, meta_path)
+    return CachedImages(files, np.memmap(path, dtype=np.uint8, mode="r", shape=tuple(shape)))
