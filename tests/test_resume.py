@@ -21,7 +21,7 @@ from masktune.pipeline.rundir import MaskStore, RunLock
 # kills after two batches of that epoch, "masking" when the second mask chunk starts.
 KILLER = r"""
 import os, signal, sys
-import masktune.pipeline.stages as stages, masktune.training as training
+import masktune.masks.compute as compute, masktune.training as training
 
 point = os.environ["KILL_AT"]
 
@@ -31,26 +31,25 @@ def kill():
 if point.startswith("train:"):
     original_epoch = training.train_epoch
 
-    def train_epoch(model, loader, optimizer, device, desc="train", progress=True, augment=None):
+    def train_epoch(model, loader, optimizer, device, desc="train", *args):
         def batches():
             for i, batch in enumerate(loader):
                 if i == 2:
                     kill()
                 yield batch
-        return original_epoch(model, batches() if desc == point[6:] else loader, optimizer, device, desc, progress,
-                              augment)
+        return original_epoch(model, batches() if desc == point[6:] else loader, optimizer, device, desc, *args)
 
     training.train_epoch = train_epoch
 else:
-    original_masks, calls = stages.compute_masks, []
+    original_masks, calls = compute.Masker.__call__, []
 
-    def compute_masks(*args, **kwargs):
+    def masks_of(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             kill()
         return original_masks(*args, **kwargs)
 
-    stages.compute_masks = compute_masks
+    compute.Masker.__call__ = masks_of
 
 from masktune.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -42,7 +42,9 @@ RUN_FLAGS = {
     "mask_param": (float, "the rule's k (default 2), p (default 5) or t (default 0.5)"),
     "iterations": (int, "MaskTune iterations: each one after the first re-masks with the finetuned model"),
     "masks": (str, "reuse this saved mask set (OUT/masks/masktune.pt of an earlier run)"),
-    "num_workers": (int, "data-loader worker processes"),
+    "num_workers": (int, "data-loader worker processes (default: none for in-memory and cached images, one per "
+                    "core up to 8 for image files)"),
+    "precision": (str, "auto (bfloat16 autocast on CUDA, float32 on the CPU), float32, bfloat16 or float16"),
     "cache_dir": (str, "folder of the decoded-image cache of image-file datasets (default: $MASKTUNE_HOME/images)"),
 }
 DATA_FLAGS = {
@@ -54,7 +56,7 @@ DATA_FLAGS = {
     "val_size": (int, "training images held out for validation"),
     "selection": (str, "which images carry the feature: authors (digit order) or random"),
 }
-SWITCHES = {"accumulate": True, "tensorboard": True, "pretrained": False, "cache": False}
+SWITCHES = {"accumulate": True, "tensorboard": True, "pretrained": False, "cache": False, "compile": True}
 
 
 def _add_run_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
@@ -73,6 +75,7 @@ def _add_run_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...]
                         help="random initialisation instead of pretrained (ImageNet) weights")
     parser.add_argument("--no-cache", dest="cache", action="store_const", const=False,
                         help="decode image files in every stage (the lazy PIL path) instead of caching them once")
+    parser.add_argument("--compile", action="store_const", const=True, help="train a torch.compile-d model")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

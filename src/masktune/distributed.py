@@ -147,7 +147,9 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (see :func:`wrap`), or ``model`` itself."""
+    """The model inside a ``torch.compile`` and a DistributedDataParallel wrapper (see :func:`wrap`),
+    or ``model`` itself."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

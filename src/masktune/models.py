@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .errors import LayerError, WeightsError
+from .errors import ConfigError, LayerError, WeightsError
 
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -173,6 +174,24 @@ def place(model: nn.Module, device: torch.device | str | None = None) -> torch.d
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     return device
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: plain float32, no autocast).
+
+    ``"auto"`` is bfloat16 on CUDA and float32 elsewhere (deterministic on the CPU); ``"float16"``
+    needs a gradient scaler in training (:func:`~masktune.train_erm` makes one).
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else None
+    return None if precision == "float32" else getattr(torch, precision)
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type with ``dtype``, or nothing for ``dtype=None``."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @contextmanager

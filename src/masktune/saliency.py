@@ -11,7 +11,7 @@ optional extra ``masktune[cam]`` is installed.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CAMMethodError, MaskTuneError
-from .models import eval_mode, place
+from .models import autocast, autocast_dtype, eval_mode, place
 
 EPS = 1e-7
 CAM_EXTRA = "pip install 'masktune[cam]'"
@@ -44,12 +44,12 @@ class CAM:
 
     def __call__(
         self, model: nn.Module, images: torch.Tensor, layer: nn.Module, targets: torch.Tensor | None = None,
-        *, amp: bool = True,
+        *, dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heatmaps [B, H, W] in [0, 1] and the explained classes [B]; see :func:`saliency_maps`."""
-        autocast = torch.autocast("cuda", dtype=torch.float16) if amp and images.is_cuda else nullcontext()
+        """Heatmaps [B, H, W] in [0, 1] and the explained classes [B]; see :func:`saliency_maps`.
+        ``dtype``: the autocast dtype of the forward pass (None: float32)."""
         with eval_mode(model), _activation_leaf(layer) as captured, torch.no_grad():
-            with autocast:
+            with autocast(images.device, dtype):
                 logits = model(images)
             if not captured:
                 raise MaskTuneError("the CAM layer did not run during the forward pass; choose a layer the model uses")
@@ -122,7 +122,7 @@ def _key(name: str) -> str:
 class LibraryCAM(CAM):
     """Any pytorch-grad-cam method, by its class name (case, ``-`` and ``_`` ignored: ``"scorecam"``).
 
-    Runs pytorch-grad-cam itself (its own per-image loops, in float32 on the model's device: ``amp``
+    Runs pytorch-grad-cam itself (its own per-image loops, in float32 on the model's device: ``dtype``
     is ignored); the model's modes, hooks and parameter gradients are restored afterwards.
     """
 
@@ -138,7 +138,7 @@ class LibraryCAM(CAM):
 
     def __call__(
         self, model: nn.Module, images: torch.Tensor, layer: nn.Module, targets: torch.Tensor | None = None,
-        *, amp: bool = True,
+        *, dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -221,18 +221,18 @@ def saliency_maps(
     *,
     method: str | CAM = "xgradcam",
     targets: torch.Tensor | None = None,
-    amp: bool = True,
+    precision: str = "auto",
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CAM heatmaps for a batch, at the input's height x width, values in [0, 1].
 
     ``method`` is a name (``xgradcam``, ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``, or
     any pytorch-grad-cam method) or a :class:`CAM`. ``targets`` are the classes to explain, one per
-    image; ``None`` explains the predicted class (highest logit). With ``amp`` the forward pass runs
-    in float16 autocast when the images are on a GPU (the maps are combined in float32). The model
-    runs in eval mode; its modes and hooks are restored afterwards. The model and the images are put
+    image; ``None`` explains the predicted class (highest logit). ``precision`` (``"auto"``: bfloat16
+    autocast on CUDA, float32 elsewhere; see :func:`~masktune.models.autocast_dtype`) is that of the
+    forward pass; the maps are combined in float32. The model runs in eval mode; its modes and hooks are restored afterwards. The model and the images are put
     on ``device`` (default: the model's) first.
     Returns ``(heatmaps [B, H, W], targets [B])`` on that device.
     """
     device = place(model, device)
-    return get_method(method)(model, images.to(device), layer, targets, amp=amp)
+    return get_method(method)(model, images.to(device), layer, targets, dtype=autocast_dtype(precision, device))

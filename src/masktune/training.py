@@ -24,7 +24,7 @@ from . import distributed
 from .data.base import check_labels, labels_of
 from .data.loader import make_loader, to_device
 from .errors import ConfigError, TrainingError
-from .models import eval_mode, fastest_memory_format, place
+from .models import autocast, autocast_dtype, eval_mode, fastest_memory_format, place
 from .storage import load_torch, save_torch
 
 OPTIMIZERS = ("sgd", "adam")
@@ -36,9 +36,13 @@ class TrainSettings:
 
     ``optimizer`` is ``"sgd"`` (SGD with ``momentum`` and ``weight_decay``) or ``"adam"`` (Adam with
     ``weight_decay``). ``seed`` fixes the order of the batches. ``device`` is where the model
-    trains (``None``: where it is). ``augment`` transforms each training batch ``[B, C, H, W]`` on
-    the device, after masking (e.g. a :class:`~masktune.BatchAugment`); it must keep the batch's
-    shape. ``progress`` shows progress bars.
+    trains (``None``: where it is). ``num_workers``: DataLoader workers (``None``: none for
+    in-memory and cached data, one per core up to 8 for image files). ``augment`` transforms each
+    training batch ``[B, C, H, W]`` on the device, after masking (e.g. a
+    :class:`~masktune.BatchAugment`); it must keep the batch's shape. ``precision``: ``"auto"``
+    (bfloat16 autocast on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"`` or ``"float16"``
+    (with a gradient scaler). ``compile`` trains a ``torch.compile``-d model. ``progress`` shows
+    progress bars.
     """
 
     lr: float = 0.01
@@ -48,8 +52,10 @@ class TrainSettings:
     optimizer: str = "sgd"
     seed: int = 0
     device: torch.device | str | None = None
-    num_workers: int = 0
+    num_workers: int | None = None
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    precision: str = "auto"
+    compile: bool = False
     progress: bool = True
 
 
@@ -103,11 +109,15 @@ def train_epoch(
     desc: str = "train",
     progress: bool = True,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One pass of cross-entropy training of ``model`` (already on ``device``); returns the mean loss
     and accuracy (%) over the epoch (over all processes' batches under torchrun).
 
     ``augment``, when given, transforms each batch of images on ``device`` before the forward pass.
+    ``dtype`` is the autocast dtype of the forward pass (None: float32); ``scaler`` scales the loss
+    (float16).
     """
     model.train()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -120,14 +130,20 @@ def train_epoch(
             images = _augmented(augment, images)
         if memory_format is None:
             memory_format = fastest_memory_format(distributed.unwrap(model), images[:1])
-        logits = model(images.contiguous(memory_format=memory_format))
+        with autocast(device, dtype):
+            logits = model(images.contiguous(memory_format=memory_format))
         labels = torch.as_tensor(labels)
         check_labels(labels, logits.shape[1], "training")  # on the host: no device sync
         labels = labels.to(device, non_blocking=True)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         total_loss += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
@@ -154,11 +170,12 @@ def _augmented(augment: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
 @torch.inference_mode()
 def predict(
     model: nn.Module, dataset: Dataset, *, batch_size: int = 512, device: torch.device | str | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None, precision: str = "auto",
 ) -> torch.Tensor:
     """Logits of ``model`` (in eval mode, on ``device``; default: where it is) for every sample of
-    ``dataset``, as a CPU tensor [N, classes]."""
+    ``dataset``, as a float32 CPU tensor [N, classes]; ``precision`` as in :class:`TrainSettings`."""
     device = place(model, device)
+    dtype = autocast_dtype(precision, device)
     outputs = []
     memory_format = None
     with eval_mode(model):
@@ -166,7 +183,8 @@ def predict(
             images = to_device(images, device)
             if memory_format is None:
                 memory_format = fastest_memory_format(model, images[:1])
-            outputs.append(model(images.contiguous(memory_format=memory_format)).float().cpu())
+            with autocast(device, dtype):
+                outputs.append(model(images.contiguous(memory_format=memory_format)).float().cpu())
     return torch.cat(outputs)
 
 
@@ -207,6 +225,37 @@ def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, de
                      history=saved["history"])
 
 
+@dataclass
+class _Loop:
+    """What a training run keeps over its epochs: the model it steps (in DistributedDataParallel under
+    torchrun, compiled when asked), one loader (its workers persist), the autocast dtype and the
+    gradient scaler (float16)."""
+
+    trainer: nn.Module
+    loader: DataLoader
+    device: torch.device
+    settings: TrainSettings
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    progress: bool
+
+    @classmethod
+    def start(cls, model: nn.Module, train_set: Dataset, settings: TrainSettings, device: torch.device) -> _Loop:
+        trainer = distributed.wrap(model, device)
+        trainer = torch.compile(trainer) if settings.compile else trainer
+        dtype = autocast_dtype(settings.precision, device)
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        loader = make_loader(train_set, settings.batch_size, shuffle=True, seed=settings.seed,
+                             num_workers=settings.num_workers, device=device)
+        return cls(trainer, loader, device, settings, dtype, scaler, settings.progress and distributed.is_main())
+
+    def epoch(self, optimizer: torch.optim.Optimizer, seed: int, desc: str) -> dict[str, float]:
+        """One epoch whose batches come from ``seed`` (see :class:`~masktune.data.EpochBatches`)."""
+        self.loader.batch_sampler.seed = seed
+        return train_epoch(self.trainer, self.loader, optimizer, self.device, desc, self.progress,
+                           self.settings.augment, self.dtype, self.scaler)
+
+
 def _epoch_seed(seed: int, epoch: int, finetune: bool = False) -> int:
     """The seed of the batches of one epoch: ERM and finetunes never share an order."""
     return seed * 100_003 + (50_000 if finetune else 0) + epoch
@@ -241,15 +290,11 @@ def train_erm(
     result = _resume(folder, model, optimizer, device, epochs) if resumed else None
     history = result.history if result is not None else []
     start = result.last.epoch if result is not None else 0
-    trainer = distributed.wrap(model, device)
-    progress = settings.progress and distributed.is_main()
-    bar = tqdm(range(start, epochs), desc="ERM", unit="epoch", disable=not progress, initial=start, total=epochs)
+    loop = _Loop.start(model, train_set, settings, device)
+    bar = tqdm(range(start, epochs), desc="ERM", unit="epoch", disable=not loop.progress, initial=start, total=epochs)
     for epoch in bar:
-        loader = make_loader(train_set, settings.batch_size, shuffle=True, seed=_epoch_seed(settings.seed, epoch),
-                             num_workers=settings.num_workers, device=device)
         try:
-            metrics = train_epoch(trainer, loader, optimizer, device, f"ERM epoch {epoch + 1}", progress,
-                                  settings.augment)
+            metrics = loop.epoch(optimizer, _epoch_seed(settings.seed, epoch), f"ERM epoch {epoch + 1}")
         except TrainingError as error:
             kept = (f"{folder / 'erm_last.pt'} (epoch {epoch}) is the last good checkpoint"
                     if folder is not None and epoch > 0 else "no checkpoint was written")
@@ -257,7 +302,8 @@ def train_erm(
         distributed.broadcast_buffers(model)
         metrics = {"stage": "erm", "epoch": epoch + 1, **metrics}
         if val_set is not None:
-            logits = distributed.map_shards(lambda part: predict(model, part, device=device), val_set)
+            logits = distributed.map_shards(lambda part: predict(model, part, device=device, precision=settings.precision,
+                                                                 num_workers=settings.num_workers), val_set)
             metrics["val_accuracy"] = accuracy(logits, labels_of(val_set))
         history.append(metrics)
         result = _next_result(result, model, optimizer, metrics, history, val_set is not None)
@@ -305,15 +351,10 @@ def finetune(
     device = place(model, settings.device)
     if optimizer is None:
         optimizer = make_optimizer(model, settings, optimizer_state)
-    trainer = distributed.wrap(model, device)
-    progress = settings.progress and distributed.is_main()
+    loop = _Loop.start(model, train_set, settings, device)
     history = []
     for epoch in range(epochs):
-        loader = make_loader(train_set, settings.batch_size, shuffle=True,
-                             seed=_epoch_seed(settings.seed, epoch, finetune=True),
-                             num_workers=settings.num_workers, device=device)
-        history.append({"stage": desc, "epoch": epoch + 1,
-                        **train_epoch(trainer, loader, optimizer, device, f"{desc} epoch {epoch + 1}", progress,
-                                      settings.augment)})
+        metrics = loop.epoch(optimizer, _epoch_seed(settings.seed, epoch, finetune=True), f"{desc} epoch {epoch + 1}")
+        history.append({"stage": desc, "epoch": epoch + 1, **metrics})
         distributed.broadcast_buffers(model)
     return history

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from .. import distributed
 from ..errors import DataError
+from .files import ImageFiles
 
 
 def _collate(batch: Any) -> Any:
@@ -47,22 +49,35 @@ class EpochBatches(Sampler[list[int]]):
             yield (part if len(part) else batch[self.shard % len(batch):][:1]).tolist()
 
 
+def default_workers(dataset: Dataset) -> int:
+    """DataLoader workers for ``dataset``: one per CPU core up to 8 for image files decoded sample
+    by sample (:class:`~masktune.data.ImageFiles`, also inside a ``Subset`` or a masked dataset),
+    else none (in-memory images and the decoded-image cache serve whole batches, where workers only
+    add copies; a dataset of your own gets the ``num_workers`` you give)."""
+    while isinstance(dataset, Subset) or hasattr(dataset, "base"):
+        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.base
+    return min(8, os.cpu_count() or 1) if isinstance(dataset, ImageFiles) else 0
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
     *,
     shuffle: bool = False,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     device: torch.device | str = "cpu",
 ) -> DataLoader:
     """A DataLoader that uses a dataset's batched ``__getitems__`` when it has one.
 
     Shuffling (and the seeds of worker processes) derive from ``seed`` alone, never from the global
-    random state, so epoch ``e`` of a run can be replayed from ``seed`` and ``e``. Under torchrun a
-    shuffled loader yields this process's slice of each batch (:class:`EpochBatches`). Memory is
-    pinned for a CUDA ``device``.
+    random state, so epoch ``e`` of a run can be replayed from ``seed`` and ``e``; a shuffled
+    loader's ``batch_sampler`` is an :class:`EpochBatches` whose ``seed`` can be set for each epoch,
+    so one loader (and its worker processes, which persist) serves every epoch. Under torchrun a
+    shuffled loader yields this process's slice of each batch. ``num_workers=None`` chooses
+    :func:`default_workers`. Memory is pinned for a CUDA ``device``.
     """
+    num_workers = default_workers(dataset) if num_workers is None else num_workers
     if shuffle:
         batching = {"batch_sampler": EpochBatches(len(dataset), batch_size, seed, distributed.rank(),
                                                   distributed.world_size())}
@@ -75,6 +90,7 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=shuffle and num_workers > 0,
     )
 
 

@@ -69,7 +69,8 @@ def masktune_finetune(
         if iteration:
             source = MaskedDataset(mask_view, masks) if accumulate else mask_view
             new = compute_masks(model, source, layer, method=method, rule=rule, preprocess=preprocess, device=device,
-                                num_workers=settings.num_workers, progress=settings.progress)
+                                num_workers=settings.num_workers, precision=settings.precision,
+                                progress=settings.progress)
             if accumulate:
                 new = (masks if isinstance(masks, MaskSet) else MaskSet.from_bool(masks)) | new
             masks = new

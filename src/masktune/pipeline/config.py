@@ -26,6 +26,8 @@ class RunConfig:
     the options of the experiment's data builder. ``pretrained`` loads pretrained weights where the
     experiment's model has them; ``selective`` adds selective classification (ERM alone and the
     MaskTune rule) at ``coverages`` (%) on the test set ``selective_test`` (default: the first).
+    ``num_workers`` ``None`` chooses DataLoader workers by the data (none for in-memory and cached
+    images); ``precision`` and ``compile`` are those of :class:`~masktune.TrainSettings`.
     ``cache`` reads image-file datasets from their decoded-image cache (in ``cache_dir``, default
     ``$MASKTUNE_HOME/images``) instead of decoding every file in every stage."""
 
@@ -49,7 +51,9 @@ class RunConfig:
     finetune_lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    num_workers: int = 0
+    num_workers: int | None = None
+    precision: str = "auto"
+    compile: bool = False
     cache: bool = True
     cache_dir: str | None = None
     tensorboard: bool = False

@@ -124,7 +124,7 @@ def _image_csv(config: RunConfig) -> ExperimentData:
 
 
 RESNET50_DEFAULTS = {"epochs": 100, "lr": 1e-4, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128,
-                     "methods": ("erm", "masktune"), "num_workers": 4}
+                     "methods": ("erm", "masktune")}
 IMAGE_OPTIONS = {"image_size": 224, "augment": True}
 
 GROUPED = (Experiment(
@@ -181,7 +181,7 @@ SELECTIVE_CLASSIFICATION = (Experiment(
     "catsvsdogs", 1, "Cats vs Dogs (64 px), selective classification: error at coverage 80-100%, ERM vs MaskTune rule",
     lambda config: _held_out(config, "catsvsdogs", lambda root: load_cats_vs_dogs(root, config.data["image_size"]),
                              2, AFFINE),
-    _resnet32, SELECTIVE_DEFAULTS | {"optimizer": "adam", "lr": 1e-3, "epochs": 200, "num_workers": 4},
+    _resnet32, SELECTIVE_DEFAULTS | {"optimizer": "adam", "lr": 1e-3, "epochs": 200},
     {"val_fraction": 0.2, "image_size": 64, "augment": True},
 ))
 

@@ -17,6 +17,7 @@ import torch
 from .. import distributed
 from ..errors import ConfigError
 from ..masks import MaskSet, make_rule
+from ..models import autocast_dtype
 from ..saliency import get_method
 from ..storage import write_json
 from ..training import OPTIMIZERS
@@ -31,13 +32,13 @@ FINETUNES = ("randmask", "masktune")
 
 def check_config(config: RunConfig) -> None:
     """Refuse, before anything runs, settings that cannot work: :meth:`RunConfig.validate`, and the
-    names of the mask rule, the CAM method, the optimizer and the device."""
+    names of the mask rule, the CAM method, the optimizer, the device and the precision."""
     config.validate()
     make_rule(config.mask_rule, config.mask_param)
     get_method(config.cam_method)
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    distributed.resolve_device(config.device)
+    autocast_dtype(config.precision, distributed.resolve_device(config.device))
 
 
 def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
@@ -52,6 +53,8 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict:
     check_config(config)
     with distributed.session(config.device), ExitStack() as stack:
         device = distributed.resolve_device(config.device)
+        if device.type == "cuda" and config.precision != "float32":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         run = RunDir(config.out_dir)
         resuming, finished = distributed.on_main(lambda: run.claim(stack, saved_config(spec, config)))
         if finished is not None:

@@ -22,7 +22,7 @@ from ..data.files import ImageFiles
 from ..data.loader import first_batch
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation import evaluate_logits, group_counts, mask_diagnostics, selective_classification
-from ..masks import MaskSet, compute_masks, masktune_finetune, model_fingerprint, random_square_masks
+from ..masks import MaskSet, masktune_finetune, prepare_masking, random_square_maskset
 from ..masks.rules import MaskRule
 from ..models import eval_mode, place, resolve_cam_layer
 from ..saliency import CAM
@@ -113,7 +113,8 @@ def train_settings(config: RunConfig, data: RunData, device: torch.device, progr
     """The ERM settings of the run (the finetunes change only the learning rate)."""
     return TrainSettings(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                          batch_size=config.batch_size, optimizer=config.optimizer, seed=config.seed, device=device,
-                         num_workers=config.num_workers, augment=data.experiment.augment, progress=progress)
+                         num_workers=config.num_workers, augment=data.experiment.augment, precision=config.precision,
+                         compile=config.compile, progress=progress)
 
 
 def erm(model: nn.Module, data: RunData, settings: TrainSettings, epochs: int, run: RunDir, timer: StageTimer,
@@ -128,10 +129,10 @@ def erm(model: nn.Module, data: RunData, settings: TrainSettings, epochs: int, r
                          resume=True, on_epoch=log)
 
 
-def randmask_masks(train: Dataset, seed: int) -> torch.Tensor:
-    """RandMask's masks of the training set: one random square per image, from ``seed``."""
+def randmask_masks(train: Dataset, seed: int) -> MaskSet:
+    """RandMask's masks of the training set, bit-packed: one random square per image, from ``seed``."""
     height, width = train[0][0].shape[-2:]
-    return random_square_masks(len(train), height, width, generator=torch.Generator().manual_seed(seed))
+    return random_square_maskset(len(train), height, width, generator=torch.Generator().manual_seed(seed))
 
 
 def masktune_masks(model: nn.Module, train: Dataset, recipe: MaskRecipe, config: RunConfig, device: torch.device,
@@ -151,13 +152,14 @@ def masktune_masks(model: nn.Module, train: Dataset, recipe: MaskRecipe, config:
 
 def _computed_masks(model: nn.Module, train: Dataset, recipe: MaskRecipe, config: RunConfig, device: torch.device,
                     run: RunDir, timer: StageTimer, progress: bool) -> MaskSet:
-    meta = {**recipe.meta(), "model_fingerprint": model_fingerprint(model)}
+    masker = prepare_masking(model, first_batch(train, "cpu"), recipe.layer, method=recipe.method, rule=recipe.rule,
+                             device=device, precision=config.precision)
+    meta = masker.meta
     height, width = train[0][0].shape[-2:]
     store = MaskStore(run.path / "masks" / "masktune")
 
     def part_masks(part: Dataset) -> torch.Tensor:
-        return compute_masks(model, part, recipe.layer, method=recipe.method, rule=recipe.rule, device=device,
-                             num_workers=config.num_workers, progress=False).packed
+        return masker(part, num_workers=config.num_workers, progress=False).packed
 
     def chunk(start: int, stop: int) -> MaskSet:
         def compute() -> MaskSet:
@@ -243,7 +245,8 @@ def evaluate_methods(spec: Experiment, config: RunConfig, models: dict[str, nn.M
     evaluated = [method for method in METHODS if method in config.methods]
 
     def logits_of(method: str, dataset: Dataset) -> torch.Tensor:
-        return predict(models[method], dataset, device=device, num_workers=config.num_workers)
+        return predict(models[method], dataset, device=device, num_workers=config.num_workers,
+                       precision=config.precision)
 
     logits = {method: {name: logits_of(method, dataset) for name, dataset in data.tests.items()}
               for method in evaluated}
