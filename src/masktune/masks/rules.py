@@ -52,6 +52,10 @@ class MeanStdRule(MaskRule):
 
     name, parameter, default = "mean-std", "k", 2.0
 
+    def validate(self) -> None:
+        if not (math.isfinite(self.value) and self.value >= 0):
+            raise ConfigError(f"mean-std needs a finite k >= 0 (heat > mean + k * std), got {self.value:g}")
+
     def __call__(self, heatmaps: torch.Tensor) -> torch.Tensor:
         return threshold_masks(heatmaps, self.value)
 

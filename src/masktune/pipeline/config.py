@@ -8,6 +8,7 @@ by :func:`masktune.pipeline.runner.check_config` before a run starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from ..errors import ConfigError
 from ..evaluation.selective import COVERAGES
 
 METHODS = ("erm", "randmask", "masktune")
+MAX_SEED = 2**32 - 1  # seeds derive per-epoch generator seeds (seed * 100_003 + ...), which must fit 64 bits
 
 
 @dataclass
@@ -76,10 +78,26 @@ class RunConfig:
         return self.finetune_lr if self.finetune_lr is not None else self.lr
 
     def validate(self) -> None:
-        """Refuse settings that cannot work on their own, saying which and why."""
+        """Refuse settings that cannot work on their own, saying which and why: types (whole numbers
+        where they are meant), ranges, finite numbers, known and distinct methods."""
+        _check_types(self)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods must be distinct, got {', '.join(self.methods)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be a whole number in 0..{MAX_SEED}, got {self.seed}")
+        for name, low in (("batch_size", 1), ("num_workers", 0)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{name} must be at least {low}, got {value}")
+        for name in ("lr", "finetune_lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.mask_param is not None and not math.isfinite(self.mask_param):
+            raise ConfigError(f"mask_param must be a finite number, got {self.mask_param}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.limit is not None and self.limit < 1:
@@ -93,6 +111,22 @@ class RunConfig:
             raise ConfigError(f"coverages are percentages in (0, 100], got {self.coverages}")
         if self.mask_chunk < 1:
             raise ConfigError(f"mask_chunk must be a positive number of images, got {self.mask_chunk}")
+
+
+def _check_types(config: RunConfig) -> None:
+    """Refuse a typed value of the wrong type (text is converted by :func:`coerce`; a Python caller
+    may pass anything): a whole number where one is meant, a number where one is meant."""
+    for name, kind in setting_types().items():
+        value = getattr(config, name)
+        options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        if value is None and type(None) in options:
+            continue
+        base = next(option for option in options if option is not type(None))
+        wrong = base in (int, float, bool) and (
+            (base is bool) != isinstance(value, bool) or not isinstance(value, int if base is int else (int, float)))
+        if wrong:
+            what = {int: "a whole number", float: "a number", bool: "true or false"}[base]
+            raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 
 def setting_types() -> dict[str, Any]:
@@ -123,8 +157,13 @@ def coerce(key: str, value: Any, kind: Any) -> Any:
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
         items = value.strip().strip("()[]").split(",") if isinstance(value, str) else value
-        return tuple(coerce(key, part.strip() if isinstance(part, str) else part, item)
-                     for part in items if not isinstance(part, str) or part.strip())
+        try:
+            return tuple(coerce(key, part.strip() if isinstance(part, str) else part, item)
+                         for part in items if not isinstance(part, str) or part.strip())
+        except ConfigError:
+            what = {int: "whole numbers", float: "numbers"}.get(item, "values")
+            raise ConfigError(f"{key} must be {what} separated by commas (e.g. 255,0,0 for a colour), "
+                              f"got {value!r}") from None
     if not isinstance(value, str):
         return float(value) if kind is float and isinstance(value, int) and not isinstance(value, bool) else value
     text = value.strip()

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from .. import distributed
+from ..masks.rules import make_rule
 from ..version import __version__
 from .config import RunConfig
 from .registry import Experiment
@@ -45,8 +46,12 @@ def environment(device: torch.device) -> dict[str, str]:
 
 
 def saved_config(spec: Experiment, config: RunConfig) -> dict:
-    """The configuration as ``config.json`` records it (a resumed run must match it)."""
-    return {"experiment": spec.name, "version": spec.version, **asdict(config),
+    """The configuration as ``config.json`` records it (a resumed run must match it), normalised: the
+    mask rule's parameter and the finetune learning rate as used, so that giving a default
+    explicitly matches a run that left it out."""
+    return {"experiment": spec.name, "version": spec.version,
+            **asdict(config) | {"mask_param": make_rule(config.mask_rule, config.mask_param).value,
+                                "finetune_lr": config.tuning_lr},
             "world_size": distributed.launched_world_size()}
 
 

@@ -92,7 +92,8 @@ def _run(spec: Experiment, config: RunConfig, device: torch.device, run: RunDir,
             masking |= stages.mask_report(method, tuned.masks, data)
             history.extend(tuned.history)
         evaluation = stages.evaluation(spec, config, models, data, device, run, timer)
-    outcome = {**evaluation, "masking": masking, "erm_best_epoch": erm.best.epoch, "history": history}
+    outcome = {"data": data.record(config), **evaluation, "masking": masking, "erm_best_epoch": erm.best.epoch,
+               "history": history}
     results = results_record(spec, config, device, data.sizes, outcome, timer, run.resumed)
     if distributed.is_main():
         write_json(results, run.path / "results.json")

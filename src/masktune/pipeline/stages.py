@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data.base import check_labels, labels_of, limited
-from ..data.cache import cache_images
+from ..data.cache import cache_images, data_fingerprint
 from ..data.files import ImageFiles
 from ..data.loader import first_batch
 from ..errors import ConfigError, DataError, TrainingError
@@ -42,6 +42,13 @@ class RunData:
     train: Dataset
     val: Dataset | None
     tests: dict[str, Dataset]
+
+    def record(self, config: RunConfig) -> dict[str, Any]:
+        """Which data the run used, for ``results.json``: the source (``--data-dir`` or the
+        experiment's default) and a fingerprint of each split (:func:`~masktune.data.cache.data_fingerprint`)."""
+        splits = {"train": self.train, "val": self.val, **self.tests}
+        return {"source": config.data_dir or "default",
+                "fingerprints": {name: data_fingerprint(d) for name, d in splits.items() if d is not None}}
 
     @property
     def sizes(self) -> dict[str, int]:

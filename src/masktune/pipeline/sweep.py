@@ -52,7 +52,9 @@ def parse_seeds(text: str) -> list[int]:
             seeds = [int(part) for part in text.split(",")]
     except ValueError:
         raise ConfigError(f"--seeds takes a range like 0..4 or a list like 0,3,7, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
+    if not seeds:
+        raise ConfigError(f"--seeds {text!r} is an empty range; write the smaller seed first, e.g. 1..3")
+    if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must name distinct seeds, got {text!r}")
     return seeds
 
