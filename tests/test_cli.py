@@ -5,6 +5,7 @@ import torch
 
 from masktune import MaskSet
 from masktune.cli import main
+from masktune.storage import load_torch
 
 FAST = ["--epochs", "1", "--val-size", "100", "--quiet", "--batch-size", "64", "--no-report"]
 
@@ -71,8 +72,8 @@ def test_same_seed_gives_identical_results(mnist_dir, tmp_path):
         assert run(mnist_dir, tmp_path / out, "--limit", "200", "--methods", "masktune") == 0
     a, b = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("a", "b"))
     assert a["accuracy"] == b["accuracy"] and a["masking"] == b["masking"] and a["history"] == b["history"]
-    sa = torch.load(tmp_path / "a" / "checkpoints" / "masktune.pt")
-    sb = torch.load(tmp_path / "b" / "checkpoints" / "masktune.pt")
+    sa = load_torch(tmp_path / "a" / "checkpoints" / "masktune.pt")["model"]
+    sb = load_torch(tmp_path / "b" / "checkpoints" / "masktune.pt")["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

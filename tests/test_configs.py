@@ -13,6 +13,7 @@ from masktune.data.augment import BatchAugment
 from masktune.cli import main
 from masktune.pipeline import EXPERIMENTS, make_config
 from masktune.models import CifarResNet, Normalized
+from masktune.storage import load_torch
 
 FAST = ["--epochs", "1", "--quiet", "--batch-size", "8", "--num-workers", "0"]
 RESNET50_EXPERIMENTS = ("waterbirds", "celeba", "in9l", "image-csv")
@@ -114,7 +115,7 @@ def test_cats_vs_dogs_run_uses_adam(tmp_path):
     assert results["sizes"] == {"train": 8, "val": 2, "test": sum(CATS_VS_DOGS_COUNTS["test"].values())}
     check_selective(results, "test")
     assert results["config"]["optimizer"] == "adam" and results["config"]["lr"] == 1e-3
-    optimizer = torch.load(tmp_path / "out" / "checkpoints" / "erm_last.pt")["optimizer"]
+    optimizer = load_torch(tmp_path / "out" / "checkpoints" / "erm_last.pt")["optimizer"]
     assert "exp_avg_sq" in next(iter(optimizer["state"].values()))  # Adam's state
 
 

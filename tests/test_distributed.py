@@ -13,6 +13,7 @@ from masktune.cli import main
 from masktune.pipeline import EXPERIMENTS, Experiment, get_experiment, make_config
 from masktune.pipeline.rundir import MaskStore
 from masktune.data.loader import EpochBatches
+from masktune.storage import load_torch
 
 # Accuracy points by which a 2-process run may differ from a 1-process one. With BatchNorm each
 # process normalises its half of every batch and keeps rank 0's running statistics; without it the
@@ -62,8 +63,7 @@ def test_shards_of_each_batch_make_up_the_single_process_batch():
 
 
 def load(out, name):
-    saved = torch.load(out / "checkpoints" / f"{name}.pt")
-    return saved["model"] if name.startswith("erm") else saved
+    return load_torch(out / "checkpoints" / f"{name}.pt")["model"]
 
 
 def assert_masks_are_the_single_process_masks(out, model, tiny_run):

@@ -95,7 +95,7 @@ def test_unreadable_files_are_explained(tmp_path):
     with pytest.raises(MaskSetError, match="damaged or not a mask set"):
         MaskSet.load(tmp_path / "cut.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(MaskSetError, match="not a masktune mask set"):
+    with pytest.raises(MaskSetError, match="not written by masktune"):
         MaskSet.load(tmp_path / "other.pt")
 
 

@@ -26,6 +26,7 @@ from masktune.models import SmallCNN
 from masktune.errors import ReportError
 from masktune.report.report import load_run, training_groups, write_report
 from masktune.pipeline.rundir import MetricsLog
+from masktune.storage import write_json
 
 FIGURES = ("attention", "accuracy", "training")
 
@@ -224,7 +225,7 @@ def copy_run(tiny_run, destination, **changes):
     shutil.copytree(tiny_run[0], destination)
     results = json.loads((destination / "results.json").read_text())
     results.update(changes)
-    (destination / "results.json").write_text(json.dumps(results))
+    write_json(results, destination / "results.json")  # with its checksum, as masktune writes it
     return results
 
 

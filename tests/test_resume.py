@@ -16,6 +16,7 @@ from masktune.cli import main
 from masktune.masks import MaskSet
 from masktune.errors import RunDirError
 from masktune.pipeline.rundir import MaskStore, RunLock
+from masktune.storage import load_torch
 
 # Runs masktune's CLI and SIGKILLs itself at the point named by KILL_AT: "train:<epoch description>"
 # kills after two batches of that epoch, "masking" when the second mask chunk starts.
@@ -66,8 +67,8 @@ def assert_same_run(out, reference):
     a, b = results(out), results(reference)
     assert {key: a[key] for key in SAME} == {key: b[key] for key in SAME}
     for name in ("erm_best", "erm_last", "randmask", "masktune"):
-        sa, sb = (torch.load(d / "checkpoints" / f"{name}.pt") for d in (out, reference))
-        sa, sb = (s.get("model", s) for s in (sa, sb))  # ERM checkpoints hold more than the model
+        sa, sb = (load_torch(d / "checkpoints" / f"{name}.pt") for d in (out, reference))
+        sa, sb = (s["model"] for s in (sa, sb))
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     assert MaskStore(out / "masks" / "masktune").load_all() == MaskStore(reference / "masks" / "masktune").load_all()
 
@@ -82,7 +83,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_results(point, tiny_run, ref
     assert (out / "run.lock").exists()  # left behind by the killed process: must not block the resume
     chunks = sorted(p.name for p in (out / "masks" / "masktune").glob("*.pt"))
     if point == "train:ERM epoch 2":
-        assert torch.load(out / "checkpoints" / "erm_last.pt")["epoch"] == 1 and not chunks
+        assert load_torch(out / "checkpoints" / "erm_last.pt")["epoch"] == 1 and not chunks
     elif point == "masking":
         assert chunks == ["000000000-000000100.pt"] and not (out / "checkpoints" / "masktune.pt").exists()
     else:
@@ -181,7 +182,7 @@ def test_mask_chunks_round_trip_bit_packed(tmp_path):
     assert torch.equal(store.load(6, 10).unpack(), masks[6:])
     whole = store.load_all()
     assert torch.equal(whole.unpack(), masks) and whole.meta == {"layer": "block4"}
-    assert torch.load(tmp_path / "000000000-000000006.pt")["packed"].shape == (6, 9)  # ceil(65 / 8) bytes a mask
+    assert load_torch(tmp_path / "000000000-000000006.pt")["packed"].shape == (6, 9)  # ceil(65 / 8) bytes a mask
 
 
 def test_mask_chunk_of_other_settings_or_damaged_is_refused(tmp_path):

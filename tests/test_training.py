@@ -6,6 +6,7 @@ from torch import nn
 
 from masktune import TrainSettings, finetune, predict, train_erm
 from masktune.errors import TrainingError
+from masktune.storage import load_torch
 
 
 class Bright(torch.utils.data.Dataset):
@@ -47,9 +48,9 @@ def test_erm_learns_keeps_best_and_last_and_is_deterministic(tmp_path):
     best = max(a.history, key=lambda h: h["val_accuracy"])
     assert a.best.val_accuracy == best["val_accuracy"] and a.best.epoch == a.history.index(best) + 1
     assert a.last.epoch == 4
-    saved = torch.load(tmp_path / "erm_last.pt")
+    saved = load_torch(tmp_path / "erm_last.pt")
     assert saved["epoch"] == 4 and all(torch.equal(saved["model"][k], a.last.model[k]) for k in a.last.model)
-    assert torch.load(tmp_path / "erm_best.pt")["epoch"] == a.best.epoch
+    assert load_torch(tmp_path / "erm_best.pt")["epoch"] == a.best.epoch
 
 
 def test_finetune_continues_the_optimizer_with_the_given_lr():

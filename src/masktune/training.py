@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data.base import check_labels, labels_of
 from .data.loader import make_loader, to_device
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DataError, RunDirError, TrainingError
 from .models import autocast, autocast_dtype, eval_mode, fastest_memory_format, place
 from .storage import load_torch, save_torch
 
@@ -57,6 +57,19 @@ class TrainSettings:
     precision: str = "auto"
     compile: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a whole number of at least 1, got {self.batch_size!r}")
+        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise ConfigError(f"num_workers must be None or a whole number >= 0, got {self.num_workers!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        autocast_dtype(self.precision, "cpu")  # refuses an unknown precision
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings, state: dict | None = None) -> torch.optim.Optimizer:
@@ -211,18 +224,24 @@ def _checkpoint(saved: dict) -> Checkpoint:
 
 
 def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-            epochs: int) -> ERMResult:
+            epochs: int, identity: str | None) -> ERMResult:
     """The ERM run saved in ``folder``, loaded into ``model``, ``optimizer`` and the random state."""
-    last = folder / "erm_last.pt"
-    saved = load_torch(last)
+    last, best = folder / "erm_last.pt", folder / "erm_best.pt"
+    if not best.is_file():
+        raise TrainingError(f"{folder} holds {last.name} without {best.name}, which is written before it; delete "
+                            f"{last} to train ERM again from the start")
+    saved = load_torch(last, fix=f"delete it (and {best.name}) to train ERM again from the start")
+    if identity is not None and saved.get("identity") != identity:
+        raise RunDirError(f"{last} was made by a run with other settings or data than this one; to continue that "
+                          "run, run its command again; for a new run, pass another --out (or delete the folder)")
     if saved["epoch"] > epochs:
         raise TrainingError(f"{last} holds epoch {saved['epoch']}, more than the {epochs} epochs asked for; ask "
                             "for at least as many epochs, or use a new checkpoint folder")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     _set_rng_state(saved["rng_state"], device)
-    return ERMResult(best=_checkpoint(load_torch(folder / "erm_best.pt")), last=_checkpoint(saved),
-                     history=saved["history"])
+    return ERMResult(best=_checkpoint(load_torch(best, fix=f"delete it and {last.name} to train ERM again")),
+                     last=_checkpoint(saved), history=saved["history"])
 
 
 @dataclass
@@ -271,6 +290,7 @@ def train_erm(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
+    identity: str | None = None,
 ) -> ERMResult:
     """Train ``model`` by ordinary ERM for ``epochs`` and keep the best and last checkpoints.
 
@@ -279,15 +299,22 @@ def train_erm(
     ``erm_last.pt`` also holds the history and the random state, and with ``resume`` training
     continues after the epoch it holds, with the same result as an uninterrupted run. Under
     torchrun the model trains in DistributedDataParallel, each process on its slice of every batch;
-    rank 0 writes the checkpoints and receives ``on_epoch`` (each epoch's metrics).
+    rank 0 writes the checkpoints and receives ``on_epoch`` (each epoch's metrics). ``identity``
+    (e.g. a run's settings and data, hashed) is saved in the checkpoints, and resuming from
+    checkpoints saved with another one is refused.
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
+    if len(train_set) == 0:
+        raise DataError("the training set is empty; check the data and any limit")
+    if val_set is not None and len(val_set) == 0:
+        raise DataError("the validation set is empty; pass val_set=None to train without one (the last epoch is "
+                        "then the best)")
     device = place(model, settings.device)
     optimizer = make_optimizer(model, settings)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resumed = resume and folder is not None and (folder / "erm_last.pt").is_file()
-    result = _resume(folder, model, optimizer, device, epochs) if resumed else None
+    result = _resume(folder, model, optimizer, device, epochs, identity) if resumed else None
     history = result.history if result is not None else []
     start = result.last.epoch if result is not None else 0
     loop = _Loop.start(model, train_set, settings, device)
@@ -308,7 +335,7 @@ def train_erm(
         history.append(metrics)
         result = _next_result(result, model, optimizer, metrics, history, val_set is not None)
         if folder is not None and distributed.is_main():
-            _save_epoch(folder, result, history, device)
+            _save_epoch(folder, result, history, device, identity)
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "accuracy", "val_accuracy")})
         if on_epoch is not None and distributed.is_main():
             on_epoch(metrics)
@@ -322,12 +349,14 @@ def _next_result(result: ERMResult | None, model: nn.Module, optimizer: torch.op
     return ERMResult(best=last if improved else result.best, last=last, history=history)
 
 
-def _save_epoch(folder: Path, result: ERMResult, history: list[dict], device: torch.device) -> None:
+def _save_epoch(folder: Path, result: ERMResult, history: list[dict], device: torch.device,
+                identity: str | None) -> None:
     # best before last: a kill between the two writes replays this epoch, which improves on nothing
     # then and leaves the best checkpoint as it is
     if result.best is result.last:
-        save_torch(vars(result.last), folder / "erm_best.pt")
-    save_torch({**vars(result.last), "history": history, "rng_state": _rng_state(device)}, folder / "erm_last.pt")
+        save_torch({**vars(result.last), "identity": identity}, folder / "erm_best.pt")
+    save_torch({**vars(result.last), "history": history, "rng_state": _rng_state(device), "identity": identity},
+               folder / "erm_last.pt")
 
 
 def finetune(

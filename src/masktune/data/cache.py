@@ -6,7 +6,8 @@ The cache of a dataset lives in ``<cache dir>/<dataset name>-<view key>.u8`` (th
 shape and a fingerprint of the file list (paths, sizes and modification times). It is built in
 parallel (DataLoader workers decode, the main process writes), written through a temporary file
 and renamed, its JSON file written last; on open the size and the fingerprint are checked, and a
-stale or incomplete cache is rebuilt. Processes that open the same cache at once take a file lock:
+stale, incomplete or damaged cache is rebuilt (the JSON file also holds the data's SHA-256, checked
+on open whenever the file's size or modification time is not the one recorded). Processes that open the same cache at once take a file lock:
 one builds it, the others wait and then read it.
 """
 
@@ -25,7 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..storage import masktune_home, write_json
+from ..errors import StorageError
+from ..storage import masktune_home, verified, write_json
 from .base import ImageDataset, labels_of
 from .files import ImageFiles, decode_image
 
@@ -116,17 +118,34 @@ def _cache_path(files: ImageFiles, folder: Path) -> Path:
     return folder / f"{name}-{hashlib.sha256(repr(files.view).encode()).hexdigest()[:12]}.u8"
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _valid(path: Path, meta_path: Path, shape: list[int], key: str) -> bool:
+    """Whether the cache at ``path`` is complete and current: its description matches (format,
+    shape, file-list fingerprint) and so does its data: by size, and by checksum unless the file's
+    size and modification time are those recorded when it was written."""
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
+        meta = verified(json.loads(meta_path.read_text()), str(meta_path))
+        stat = path.stat()
+    except (OSError, ValueError, StorageError):
         return False
-    return (meta.get("format") == CACHE_FORMAT and meta.get("shape") == shape and meta.get("fingerprint") == key
-            and path.is_file() and path.stat().st_size == int(np.prod(shape)))
+    if meta.get("format") != CACHE_FORMAT or meta.get("shape") != shape or meta.get("fingerprint") != key:
+        return False
+    if stat.st_size != int(np.prod(shape)):
+        return False
+    return stat.st_mtime_ns == meta.get("mtime_ns") or _file_digest(path) == meta.get("sha256")
 
 
-def _build(files: ImageFiles, path: Path, shape: list[int], workers: int, progress: bool) -> None:
+def _build(files: ImageFiles, path: Path, shape: list[int], workers: int, progress: bool) -> str:
+    """Decode ``files`` into the cache file ``path`` (atomically); returns the data's SHA-256."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
     try:
         array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=tuple(shape))
         loader = DataLoader(_Decoded(files), batch_size=64, num_workers=workers)
@@ -135,6 +154,7 @@ def _build(files: ImageFiles, path: Path, shape: list[int], workers: int, progre
                   leave=False) as bar:
             for batch in loader:
                 array[start:start + len(batch)] = batch.numpy()
+                digest.update(batch.numpy().tobytes())
                 start += len(batch)
                 bar.update(len(batch))
         array.flush()
@@ -144,6 +164,7 @@ def _build(files: ImageFiles, path: Path, shape: list[int], workers: int, progre
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return digest.hexdigest()
 
 
 def cache_images(files: ImageFiles, cache_dir: str | Path | None = None, *, workers: int = 2,
@@ -166,6 +187,7 @@ def cache_images(files: ImageFiles, cache_dir: str | Path | None = None, *, work
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then find it built
         if not _valid(path, meta_path, shape, key):
             meta_path.unlink(missing_ok=True)
-            _build(files, path, shape, workers, progress)
-            write_json({"format": CACHE_FORMAT, "shape": shape, "fingerprint": key, "name": files.name}, meta_path)
+            data_sha256 = _build(files, path, shape, workers, progress)
+            write_json({"format": CACHE_FORMAT, "shape": shape, "fingerprint": key, "name": files.name,
+                        "sha256": data_sha256, "mtime_ns": path.stat().st_mtime_ns}, meta_path)
     return CachedImages(files, np.memmap(path, dtype=np.uint8, mode="r", shape=tuple(shape)))

@@ -16,7 +16,15 @@ from .files import ImageFiles
 
 def _collate(batch: Any) -> Any:
     # A dataset's __getitems__ may already return a batch as a tuple of tensors.
-    return batch if isinstance(batch, tuple) else default_collate(batch)
+    if isinstance(batch, tuple):
+        return batch
+    try:
+        return default_collate(batch)
+    except RuntimeError as error:
+        shapes = sorted({tuple(sample[0].shape) for sample in batch if isinstance(sample[0], torch.Tensor)})
+        raise DataError(f"the images of one batch differ in size ({', '.join(map(str, shapes[:4]))}): masktune "
+                        "batches images of one size; give the dataset a fixed view (resize and crop every image "
+                        "to the model's input size)") from error
 
 
 class EpochBatches(Sampler[list[int]]):

@@ -118,21 +118,32 @@ def _read_raw_files(dirs: list[Path]) -> MNISTArrays:
     )
 
 
+def _digest(arrays: MNISTArrays) -> np.ndarray:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return np.frombuffer(digest.digest(), dtype=np.uint8)
+
+
 def _load_cache(path: Path) -> MNISTArrays:
     if not path.is_file():
         raise DataError("not found")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = MNISTArrays(**{field: npz[field] for field in MNISTArrays._fields})
+            stored = npz["sha256"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise DataError(f"unreadable ({exc}); delete it or let another source rewrite it") from exc
+    if not np.array_equal(stored, _digest(arrays)):
+        raise DataError("its checksum does not match its images and labels (damaged or altered); it is rewritten "
+                        "from the next source")
     return _checked(arrays, str(path))
 
 
 def _write_cache(path: Path, arrays: MNISTArrays) -> None:
     """Atomically write the cache; failing to (e.g. a read-only home) only warns."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays._asdict())
+    np.savez(buffer, **arrays._asdict(), sha256=_digest(arrays))
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:

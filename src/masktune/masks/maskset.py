@@ -126,6 +126,10 @@ class MaskSet:
         if stored.get("version") != VERSION:
             raise MaskSetError(f"{path} is a version {stored.get('version')} mask set; this masktune reads "
                                f"version {VERSION}: recompute the masks")
+        missing = [key for key in ("packed", "height", "width", "meta") if key not in stored]
+        if missing or not isinstance(stored["meta"], dict) or not isinstance(stored["packed"], torch.Tensor):
+            raise MaskSetError(f"{path} is an incomplete or malformed mask set (missing or wrong: "
+                               f"{', '.join(missing) or 'meta or packed'}); recompute the masks")
         masks = cls(stored["packed"], stored["height"], stored["width"], stored["meta"])
         masks.check(dataset=dataset, model=model, expect=expect, source=str(path))
         return masks

@@ -13,9 +13,11 @@ import torch
 
 from .. import distributed
 from ..masks.rules import make_rule
+from ..storage import checksum
 from ..version import __version__
 from .config import RunConfig
 from .registry import Experiment
+from .rundir import RESUMABLE_CHANGES
 
 
 class StageTimer:
@@ -55,14 +57,20 @@ def saved_config(spec: Experiment, config: RunConfig) -> dict:
             "world_size": distributed.launched_world_size()}
 
 
+def run_key(spec: Experiment, config: RunConfig, fingerprints: dict[str, str]) -> str:
+    """The identity of a run's results: SHA-256 of its settings (those that change results) and of
+    its data's fingerprints. Every saved stage output carries it; a run refuses one that differs."""
+    settings = {k: v for k, v in saved_config(spec, config).items() if k not in RESUMABLE_CHANGES}
+    return checksum({"settings": settings, "data": fingerprints})
+
+
 def results_record(spec: Experiment, config: RunConfig, device: torch.device, sizes: dict[str, int],
                    outcome: dict, timer: StageTimer, resumed: bool) -> dict:
     """The dictionary written as ``results.json``; ``outcome`` holds ``accuracy`` and the other
-    figures of the evaluation, ``masking``, ``erm_best_epoch`` and ``history``."""
+    figures of the evaluation, ``masking``, ``erm_best_epoch`` and ``history``. Its ``config`` is
+    the configuration as ``config.json`` records it, with the run directory."""
     timer.seconds["total"] = round(sum(timer.seconds.values()), 3)
-    recorded = asdict(config)
-    recorded.update(out=str(config.out_dir), finetune_lr=config.tuning_lr, methods=list(config.methods),
-                    version=spec.version)
+    recorded = saved_config(spec, config) | {"out": str(config.out_dir)}
     return {
         "config": recorded,
         "environment": {**environment(device), "world_size": str(distributed.world_size())},

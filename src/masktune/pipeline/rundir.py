@@ -15,9 +15,9 @@ from types import TracebackType
 from typing import Any, Callable, Mapping, TypeVar
 
 from .. import distributed
-from ..errors import MaskSetError, MaskTuneError, RunDirError
+from ..errors import MaskSetError, MaskTuneError, RunDirError, StorageError
 from ..masks.maskset import MaskSet
-from ..storage import atomic_write_bytes
+from ..storage import atomic_write_bytes, read_json
 
 T = TypeVar("T")
 
@@ -85,7 +85,13 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     current = json.loads(json.dumps(current))  # tuples as lists, as they are saved
     return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
             for key in sorted(set(saved) | set(current))
-            if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
+            if key not in (*RESUMABLE_CHANGES, "checksum") and saved.get(key) != current.get(key)]
+
+
+def other_run(path: Path, what: str) -> RunDirError:
+    """The refusal of a saved stage output that another run made."""
+    return RunDirError(f"{path} was made by a run with other {what} than this one; to continue that run, run its "
+                       "command again; for a new run, pass another --out (or delete the folder)")
 
 
 def check_saved_config(folder: Path, config: dict) -> bool:
@@ -99,13 +105,21 @@ def check_saved_config(folder: Path, config: dict) -> bool:
     saved_work = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("config.json", "run.lock")]
     if not path.is_file() or not saved_work:
         return False
-    differences = config_differences(json.loads(path.read_text()), config)
+    refuse_other_settings(folder, read_json(path, error=RunDirError, fix=FIX_CONFIG), config)
+    return True
+
+
+FIX_CONFIG = "delete it to continue the run with the settings of this command"
+
+
+def refuse_other_settings(folder: Path, saved: dict, config: dict) -> None:
+    """Refuse the run directory ``folder`` when its ``saved`` configuration differs from ``config``."""
+    differences = config_differences(saved, config)
     if differences:
         raise RunDirError(
             f"{folder} holds a run made with other settings ({'; '.join(differences)}). To resume it, run the "
             "same command as before; for a new run, pass another --out (or delete the folder)"
         )
-    return True
 
 
 class RunDir:
@@ -126,8 +140,13 @@ class RunDir:
         finished run (None when unfinished)."""
         stack.enter_context(RunLock(self.path))
         resuming = check_saved_config(self.path, config)
-        finished = self.path / "results.json"
-        return resuming, json.loads(finished.read_text()) if finished.is_file() else None
+        path = self.path / "results.json"
+        if not path.is_file():
+            return resuming, None
+        finished = read_json(path, error=RunDirError, fix="delete it and run the same command again to evaluate the "
+                                                              "saved models anew")
+        refuse_other_settings(self.path, finished.get("config", {}), config)
+        return resuming, finished
 
     def stage(self, name: str, compute: Callable[[], T], save: Callable[[T, Path], None],
               load: Callable[[Path], T]) -> T:
@@ -211,8 +230,20 @@ class MetricsLog:
                     "`pip install 'masktune[tensorboard]'` or run without --tensorboard"
                 ) from error
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        self.lines: list[str] = self.path.read_text().splitlines() if enabled and self.path.is_file() else []
+        self.lines: list[str] = self._saved_lines() if enabled else []
         self.started = time.perf_counter()
+
+    def _saved_lines(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        try:
+            lines = self.path.read_bytes().decode("utf-8").splitlines()
+            for line in lines:
+                json.loads(line)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise StorageError(f"cannot read {self.path} ({' '.join(str(error).split())[:200]}); delete it (it "
+                               "is a log: the run does not need it) and run the same command again") from None
+        return lines
 
     def __call__(self, metrics: dict) -> None:
         """Record one epoch."""

@@ -24,7 +24,7 @@ from ..training import OPTIMIZERS
 from . import stages
 from .config import RunConfig
 from .registry import Experiment, get_experiment
-from .results import StageTimer, results_record, saved_config
+from .results import StageTimer, results_record, run_key, saved_config
 from .rundir import MetricsLog, RunDir
 
 FINETUNES = ("randmask", "masktune")
@@ -76,24 +76,26 @@ def _run(spec: Experiment, config: RunConfig, device: torch.device, run: RunDir,
     reused = (MaskSet.load(config.masks, dataset=data.train, expect=recipe.meta())
               if config.masks and "masktune" in config.methods else None)  # refused before training
     settings = stages.train_settings(config, data, device, progress)
+    fingerprints = data.fingerprints()
+    key = run_key(spec, config, fingerprints)
     with MetricsLog(run.path, tensorboard=config.tensorboard, enabled=distributed.is_main()) as log:
         if distributed.is_main() and not resuming:
             write_json(saved_config(spec, config), run.path / "config.json")
-        erm = stages.erm(model, data, settings, config.epochs, run, timer, log)
+        erm = stages.erm(model, data, settings, config.epochs, run, timer, log, key)
         model.load_state_dict(erm.best.model)
         models, masking, history = {"erm": model}, {}, list(erm.history)
         tuning = dataclasses.replace(settings, lr=config.tuning_lr)
         for method in (m for m in FINETUNES if m in config.methods):
             masks = (stages.randmask_masks(data.train, config.seed) if method == "randmask" else
-                     stages.masktune_masks(model, data.train, recipe, config, device, run, timer, reused, progress))
+                     stages.masktune_masks(model, data.train, recipe, config, device, run, timer, reused, progress, key))
             tuned = stages.finetuned(method, masks, erm, lambda: spec.build_model(config, data.experiment.num_classes),
-                                     data.train, tuning, recipe, config, run, timer, log)
+                                     data.train, tuning, recipe, config, run, timer, log, key)
             models[method] = tuned.model
             masking |= stages.mask_report(method, tuned.masks, data)
             history.extend(tuned.history)
-        evaluation = stages.evaluation(spec, config, models, data, device, run, timer)
-    outcome = {"data": data.record(config), **evaluation, "masking": masking, "erm_best_epoch": erm.best.epoch,
-               "history": history}
+        evaluation = stages.evaluation(spec, config, models, data, device, run, timer, key)
+    outcome = {"data": {"source": config.data_dir or "default", "fingerprints": fingerprints}, "run_key": key,
+               **evaluation, "masking": masking, "erm_best_epoch": erm.best.epoch, "history": history}
     results = results_record(spec, config, device, data.sizes, outcome, timer, run.resumed)
     if distributed.is_main():
         write_json(results, run.path / "results.json")

@@ -4,7 +4,6 @@ again loads it instead of computing it."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,12 @@ from ..masks import MaskSet, masktune_finetune, prepare_masking, random_square_m
 from ..masks.rules import MaskRule
 from ..models import eval_mode, place, resolve_cam_layer
 from ..saliency import CAM
-from ..storage import load_torch, save_torch, write_json
+from ..storage import load_torch, read_json, save_torch, write_json
 from ..training import ERMResult, TrainSettings, predict, train_erm
 from .config import METHODS, RunConfig
 from .registry import Experiment, ExperimentData
 from .results import StageTimer
-from .rundir import MaskStore, MetricsLog, RunDir
+from .rundir import MaskStore, MetricsLog, RunDir, other_run
 
 
 @dataclass
@@ -43,12 +42,10 @@ class RunData:
     val: Dataset | None
     tests: dict[str, Dataset]
 
-    def record(self, config: RunConfig) -> dict[str, Any]:
-        """Which data the run used, for ``results.json``: the source (``--data-dir`` or the
-        experiment's default) and a fingerprint of each split (:func:`~masktune.data.cache.data_fingerprint`)."""
+    def fingerprints(self) -> dict[str, str]:
+        """A fingerprint of each split (:func:`~masktune.data.cache.data_fingerprint`)."""
         splits = {"train": self.train, "val": self.val, **self.tests}
-        return {"source": config.data_dir or "default",
-                "fingerprints": {name: data_fingerprint(d) for name, d in splits.items() if d is not None}}
+        return {name: data_fingerprint(dataset) for name, dataset in splits.items() if dataset is not None}
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -125,15 +122,16 @@ def train_settings(config: RunConfig, data: RunData, device: torch.device, progr
 
 
 def erm(model: nn.Module, data: RunData, settings: TrainSettings, epochs: int, run: RunDir, timer: StageTimer,
-        log: MetricsLog) -> ERMResult:
-    """ERM on the training set, resumable per epoch (``checkpoints/erm_last.pt``)."""
+        log: MetricsLog, key: str) -> ERMResult:
+    """ERM on the training set, resumable per epoch (``checkpoints/erm_last.pt``, which carries the
+    run's ``key``)."""
     checkpoints = run.path / "checkpoints"
     if (checkpoints / "erm_last.pt").is_file():
         run.resumed = True
         distributed.note(f"resuming from {checkpoints / 'erm_last.pt'}", settings.progress)
     with timer("erm"):
         return train_erm(model, data.train, data.val, settings, epochs=epochs, checkpoint_dir=checkpoints,
-                         resume=True, on_epoch=log)
+                         resume=True, on_epoch=log, identity=key)
 
 
 def randmask_masks(train: Dataset, seed: int) -> MaskSet:
@@ -143,7 +141,7 @@ def randmask_masks(train: Dataset, seed: int) -> MaskSet:
 
 
 def masktune_masks(model: nn.Module, train: Dataset, recipe: MaskRecipe, config: RunConfig, device: torch.device,
-                   run: RunDir, timer: StageTimer, reused: MaskSet | None, progress: bool) -> MaskSet:
+                   run: RunDir, timer: StageTimer, reused: MaskSet | None, progress: bool, key: str) -> MaskSet:
     """MaskTune's masks of the training set from ``model`` (the best ERM model), computed and saved
     chunk by chunk of ``config.mask_chunk`` images (or ``reused``, checked against the model); the
     masks stay bit-packed throughout. The whole set is also saved as ``masks/masktune.pt``."""
@@ -151,17 +149,17 @@ def masktune_masks(model: nn.Module, train: Dataset, recipe: MaskRecipe, config:
         reused.check(model=model, source=config.masks)
         masks = reused
     else:
-        masks = _computed_masks(model, train, recipe, config, device, run, timer, progress)
+        masks = _computed_masks(model, train, recipe, config, device, run, timer, progress, key)
     if distributed.is_main():
         masks.save(run.path / "masks" / "masktune.pt")
     return masks
 
 
 def _computed_masks(model: nn.Module, train: Dataset, recipe: MaskRecipe, config: RunConfig, device: torch.device,
-                    run: RunDir, timer: StageTimer, progress: bool) -> MaskSet:
+                    run: RunDir, timer: StageTimer, progress: bool, key: str) -> MaskSet:
     masker = prepare_masking(model, first_batch(train, "cpu"), recipe.layer, method=recipe.method, rule=recipe.rule,
                              device=device, precision=config.precision)
-    meta = masker.meta
+    meta = {**masker.meta, "run_key": key}
     height, width = train[0][0].shape[-2:]
     store = MaskStore(run.path / "masks" / "masktune")
 
@@ -193,12 +191,11 @@ class Finetuned:
 
 def finetuned(method: str, masks: MaskSet | torch.Tensor, erm_result: ERMResult, new_model: Callable[[], nn.Module],
               train: Dataset, settings: TrainSettings, recipe: MaskRecipe, config: RunConfig, run: RunDir,
-              timer: StageTimer, log: MetricsLog) -> Finetuned:
+              timer: StageTimer, log: MetricsLog, key: str) -> Finetuned:
     """The last ERM model finetuned on the training set under ``masks`` (MaskTune: for
-    ``config.iterations`` epochs, re-masking after each). Saved as ``checkpoints/<method>.pt`` (the
-    state dict), after its history (``<method>_history.json``) and any later iteration's masks
-    (``masks/<method>_iteration<i>.pt``)."""
-    history_path = run.path / "checkpoints" / f"{method}_history.json"
+    ``config.iterations`` epochs, re-masking after each). Saved as ``checkpoints/<method>.pt``
+    (``{"model": state dict, "history": [...], "run_key": key}``), after any later iteration's
+    masks (``masks/<method>_iteration<i>.pt``)."""
     later = [run.path / "masks" / f"{method}_iteration{i}.pt"
              for i in range(2, config.iterations + 1)] if method == "masktune" else []
 
@@ -217,17 +214,19 @@ def finetuned(method: str, masks: MaskSet | torch.Tensor, erm_result: ERMResult,
         return Finetuned(tuned, result.history, result.masks)
 
     def save(tuned: Finetuned, path: Path) -> None:
-        for iteration_masks, later_path in zip(tuned.masks[1:], later):
-            iteration_masks.save(later_path)
-        write_json(tuned.history, history_path)
-        save_torch(tuned.model.state_dict(), path)
+        for m, later_path in zip(tuned.masks[1:], later):
+            MaskSet(m.packed, m.height, m.width, {**m.meta, "run_key": key}).save(later_path)
+        save_torch({"model": tuned.model.state_dict(), "history": tuned.history, "run_key": key}, path)
         for metrics in tuned.history:
             log(metrics)
 
     def load(path: Path) -> Finetuned:
+        saved = load_torch(path)
+        if saved.get("run_key") != key:
+            raise other_run(path, "settings or data")
         tuned = new_model()
-        tuned.load_state_dict(load_torch(path))
-        return Finetuned(tuned, json.loads(history_path.read_text()), [masks, *map(MaskSet.load, later)])
+        tuned.load_state_dict(saved["model"])
+        return Finetuned(tuned, saved["history"], [masks, *(MaskSet.load(p, expect={"run_key": key}) for p in later)])
 
     return run.stage(Path("checkpoints") / f"{method}.pt", compute, save, load)
 
@@ -275,10 +274,18 @@ def evaluate_methods(spec: Experiment, config: RunConfig, models: dict[str, nn.M
 
 
 def evaluation(spec: Experiment, config: RunConfig, models: dict[str, nn.Module], data: RunData,
-               device: torch.device, run: RunDir, timer: StageTimer) -> dict[str, Any]:
-    """:func:`evaluate_methods`, computed on rank 0 and saved as ``evaluation.json``."""
+               device: torch.device, run: RunDir, timer: StageTimer, key: str) -> dict[str, Any]:
+    """:func:`evaluate_methods`, computed on rank 0 and saved as ``evaluation.json`` with the run's ``key``."""
     def compute() -> dict[str, Any]:
         with timer("evaluation"):
             return distributed.on_main(lambda: evaluate_methods(spec, config, models, data, device))
 
-    return run.stage("evaluation.json", compute, write_json, lambda path: json.loads(path.read_text()))
+    def load(path: Path) -> dict[str, Any]:
+        saved = read_json(path)
+        if saved.pop("run_key", None) != key:
+            raise other_run(path, "settings or data")
+        saved.pop("checksum")
+        return saved
+
+    return run.stage("evaluation.json", compute, lambda outcome, path: write_json({**outcome, "run_key": key}, path),
+                     load)

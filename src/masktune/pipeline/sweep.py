@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import distributed
 from ..errors import ConfigError, RunDirError
-from ..storage import atomic_write_bytes
+from ..storage import atomic_write_bytes, verified, with_checksum
 from .config import RunConfig, parse_overrides
 from .registry import get_experiment, make_config
 from .results import saved_config
@@ -98,10 +98,16 @@ def plan(experiment: str, seeds: list[int], grid: list[str], fixed: dict[str, An
 
 
 def read_records(path: Path) -> dict[str, dict]:
-    """The finished runs recorded in ``runs.jsonl``, by name."""
+    """The finished runs recorded in ``runs.jsonl``, by name; each line's checksum is checked."""
     if not path.is_file():
         return {}
-    return {record["name"]: record for record in map(json.loads, path.read_text().splitlines())}
+    fix = f"delete {path} to run the sweep's runs again (each finished run folder shows its results at once)"
+    try:
+        records = [verified(json.loads(line), f"{path}, line {i}", RunDirError, fix)
+                   for i, line in enumerate(path.read_bytes().decode("utf-8").splitlines(), 1)]
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunDirError(f"cannot read {path} ({' '.join(str(error).split())[:200]}); {fix}") from None
+    return {record["name"]: record for record in records}
 
 
 def run_sweep(runs: list[SweepRun], out: Path, *, progress: bool = True) -> list[dict]:
@@ -128,7 +134,7 @@ def run_sweep(runs: list[SweepRun], out: Path, *, progress: bool = True) -> list
                                      "out": str(run.config.out_dir), "config": expected,
                                      "accuracy": results["accuracy"]}
                 if distributed.is_main():
-                    lines = "".join(json.dumps(record) + "\n" for record in records.values())
+                    lines = "".join(json.dumps(with_checksum(record)) + "\n" for record in records.values())
                     atomic_write_bytes(log, lines.encode())
             finished = [records[run.name] for run in runs]
             if distributed.is_main():

@@ -43,13 +43,14 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..data.base import labels_of, limited
+from ..distributed import resolve_device
 from ..data.loader import make_loader, to_device
 from ..errors import ReportError
 from ..masks import make_rule
 from ..models import model_device, place, resolve_cam_layer
 from ..pipeline import ExperimentData, RunConfig, get_experiment, make_config
 from ..saliency import saliency_maps
-from ..storage import atomic_write_bytes, load_torch
+from ..storage import atomic_write_bytes, load_torch, read_json
 from .figures import (accuracy_figure, group_label, method_style, png_bytes, risk_coverage_figure, saliency_grid,
                       training_figure)
 
@@ -71,11 +72,13 @@ def find_runs(path: str | Path) -> list[Path]:
 
 def read_results(run_dir: str | Path) -> dict:
     """The ``results.json`` of a run directory."""
-    path = Path(run_dir) / "results.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ReportError(f"cannot read {path} ({error}); run the experiment again to rewrite it") from error
+    results = read_json(Path(run_dir) / "results.json", error=ReportError,
+                        fix="run the experiment again (the same command) to rewrite it")
+    missing = [key for key in ("config", "accuracy", "history") if key not in results]
+    if missing or "experiment" not in results["config"]:
+        raise ReportError(f"{Path(run_dir) / 'results.json'} lacks {', '.join(missing) or 'config.experiment'}; "
+                          "it was not written by `masktune run`: run the experiment again to rewrite it")
+    return results
 
 
 def run_config(saved: Mapping[str, Any]) -> RunConfig:
@@ -84,7 +87,8 @@ def run_config(saved: Mapping[str, Any]) -> RunConfig:
     def plain(value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value
 
-    overrides = {key: plain(value) for key, value in saved.items() if key not in ("experiment", "data", "version")}
+    overrides = {key: plain(value) for key, value in saved.items()
+                 if key not in ("experiment", "data", "version", "world_size", "checksum")}
     overrides.update({f"data.{key}": plain(value) for key, value in saved.get("data", {}).items()})
     return make_config(saved["experiment"], overrides)
 
@@ -118,7 +122,7 @@ def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> Load
             raise ReportError(f"{path} is missing, so the heatmaps cannot be drawn; run the experiment again")
         state = load_torch(path, map_location=device, error=ReportError, fix="run the experiment again to rewrite it")
         model = spec.build_model(config, data.num_classes)
-        model.load_state_dict(state["model"] if method == "erm" else state)
+        model.load_state_dict(state["model"])
         place(model, device)
         models[method] = model.eval()
     return LoadedRun(results, config, data, limited(data.train, config.limit), models)
@@ -300,6 +304,7 @@ def write_report(path: str | Path, *, device: str = "cpu", samples_per_group: in
     """
     if samples_per_group < 1:
         raise ReportError(f"samples per group must be at least 1, got {samples_per_group}")
+    device = str(resolve_device(device))  # a device that is not there is refused before anything is read
     out = Path(path)
     run_dirs = find_runs(out)
     runs = [read_results(d) for d in run_dirs]
