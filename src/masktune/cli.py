@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"masktune: error{where}: {_message(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a read-only folder: the stages saved so far are kept
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"masktune: error: a file could not be written or read{where}: {error.strerror or error}; free some "
+              "space or make the folder writable (or pass another --out), then run the same command again: the "
+              "stages already saved are kept", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("masktune: interrupted", file=sys.stderr)
         return 130
