@@ -187,3 +187,13 @@ def test_a_corrupt_sweep_record_is_a_message(tiny_run, tmp_path, capsys, monkeyp
             "--epochs", "1", "--limit", "100", "--val-size", "50", "--quiet"]
     assert main(args) == 2
     assert "runs.jsonl, line 1 has no checksum" in error_of(capsys)
+
+
+def test_a_garbage_masks_file_says_what_it_is(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MASKTUNE_HOME", str(tiny_run.home))
+    (tmp_path / "garbage.pt").write_bytes(b"e" * 101)
+    out = tmp_path / "run"
+    assert main(tiny_run.args(out, "--no-report", "--masks", str(tmp_path / "garbage.pt"))) == 2
+    err = error_of(capsys)
+    assert "garbage.pt" in err and "not written by masktune" in err and "(101)" not in err
+    assert not (out / "checkpoints").exists()  # refused before training
