@@ -10,7 +10,6 @@ import torch
 
 from masktune import ImageDataset, MaskSet, TrainSettings, compute_masks, train_erm
 from masktune.cli import main
-from masktune.data import load_mnist
 from masktune.errors import ConfigError, DataError, MaskSetError, StorageError
 from masktune.storage import load_torch, read_json, save_torch, write_json
 from test_data import fake_arrays, write_raw_dir

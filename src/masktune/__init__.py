@@ -68,6 +68,7 @@ from .saliency import CAM, saliency_maps  # noqa: E402
 from .training import ERMResult, TrainSettings, finetune, predict, train_erm  # noqa: E402
 
 __all__ = [
+    "__version__",
     # data
     "BatchAugment", "BiasedMNISTConfig", "ImageDataset", "ImageFiles", "ImageView", "load_cats_vs_dogs", "load_celeba",
     "load_cifar10", "load_fashion_mnist", "load_image_csv", "load_in9l", "load_mnist", "load_svhn", "load_waterbirds",
