@@ -1,7 +1,7 @@
 """The decoded-image cache: an image-file dataset decoded once, in its mask view, into a uint8
 memory-mapped file that every stage of a run, and later runs, read instead of the image files.
 
-The cache of a dataset lives in ``<cache dir>/<dataset name>-<view key>.u8`` (the cache dir is
+The cache of a dataset lives in ``<cache dir>/<dataset name>-<view key>-<image count>.u8`` (the cache dir is
 ``$MASKTUNE_HOME/images`` unless given) with a JSON file beside it holding the image count and
 shape and a fingerprint of the file list (paths, sizes and modification times). It is built in
 parallel (DataLoader workers decode, the main process writes), written through a temporary file
@@ -115,7 +115,9 @@ class CachedImages(Dataset):
 
 def _cache_path(files: ImageFiles, folder: Path) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", files.name or "images")
-    return folder / f"{name}-{hashlib.sha256(repr(files.view).encode()).hexdigest()[:12]}.u8"
+    # the image count is in the name, so that a run on the first N images (--limit) does not replace
+    # the cache of the whole split
+    return folder / f"{name}-{hashlib.sha256(repr(files.view).encode()).hexdigest()[:12]}-{len(files)}.u8"
 
 
 def _file_digest(path: Path) -> str:
