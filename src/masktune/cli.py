@@ -51,6 +51,7 @@ DATA_FLAGS = {
     "conflicting_ratio": (float, "share of class-1 images with the feature (and of class-0 images without)"),
     "bias_type": (str, "square, background or foreground"),
     "square_size": (int, "side of the square in pixels"),
+    "position": (str, "where the square sits: corner (the paper's) or centre"),
     "colour": (tuple[int, ...], "R,G,B of the spurious feature, e.g. 255,0,0"),
     "n_squares": (int, "1, or 2 for a second square in the top-right corner"),
     "val_size": (int, "training images held out for validation"),

@@ -15,6 +15,7 @@ from .base import ImageDataset
 from .mnist import MNISTArrays
 
 BIAS_TYPES = ("square", "background", "foreground")
+POSITIONS = ("corner", "centre")
 SELECTIONS = ("authors", "random")
 
 
@@ -28,11 +29,14 @@ class BiasedMNISTConfig:
     validation split. The images without the square in class 0 are then all 4s and the squared
     ones in class 1 all 5s, which makes the shortcut much stronger than a random choice.
     ``"random"`` draws them at random, with exact counts in train and val separately.
+    ``position`` puts the square in the top-left ``"corner"`` (the paper's, on the black
+    background of every digit) or the ``"centre"`` (where other digits have strokes).
     """
 
     conflicting_ratio: float = 0.01
     bias_type: str = "square"
     square_size: int = 4
+    position: str = "corner"
     colour: tuple[int, int, int] = (255, 0, 0)
     n_squares: int = 1
     second_colour: tuple[int, int, int] = (0, 0, 255)
@@ -59,6 +63,10 @@ def _validate(config: BiasedMNISTConfig, n_train: int) -> None:
         problems.append(f"bias_type must be one of {', '.join(BIAS_TYPES)}, got {config.bias_type!r}")
     if not 1 <= config.square_size <= 14:
         problems.append(f"square_size must be in 1..14, got {config.square_size}")
+    if config.position not in POSITIONS:
+        problems.append(f"position must be one of {', '.join(POSITIONS)}, got {config.position!r}")
+    elif config.position != "corner" and config.n_squares == 2:
+        problems.append("n_squares=2 puts the squares in the two top corners: it needs position 'corner'")
     if config.n_squares not in (1, 2):
         problems.append(f"n_squares must be 1 or 2, got {config.n_squares}")
     elif config.n_squares == 2 and config.bias_type != "square":
@@ -73,6 +81,13 @@ def _validate(config: BiasedMNISTConfig, n_train: int) -> None:
         problems.append(f"val_size must be in [0, {n_train}) (the number of training images), got {config.val_size}")
     if problems:
         raise DataError("invalid BiasedMNISTConfig: " + "; ".join(problems))
+
+
+def _square_origin(config: BiasedMNISTConfig, height: int, width: int) -> tuple[int, int]:
+    """The top-left pixel of the (first) square: the top-left corner, or the image's centre."""
+    if config.position == "centre":
+        return (height - config.square_size) // 2, (width - config.square_size) // 2
+    return 0, 0
 
 
 def _choose_flags(labels: Tensor, ratio: float, generator: torch.Generator) -> Tensor:
@@ -104,7 +119,8 @@ def _paint(gray: Tensor, flags: Tensor, second: Tensor | None, config: BiasedMNI
     colour = torch.tensor(config.colour, dtype=torch.uint8)
     s = config.square_size
     if config.bias_type == "square":
-        rgb[flags, :, :s, :s] = colour.view(3, 1, 1)
+        top, left = _square_origin(config, *gray.shape[-2:])
+        rgb[flags, :, top:top + s, left:left + s] = colour.view(3, 1, 1)
         if second is not None:
             rgb[second, :, :s, -s:] = torch.tensor(config.second_colour, dtype=torch.uint8).view(3, 1, 1)
     elif config.bias_type == "background":
@@ -136,8 +152,9 @@ def make_biased_mnist(
     feature_region = None
     if config.bias_type == "square":
         s = config.square_size
+        top, left = _square_origin(config, height, width)
         feature_region = torch.zeros(height, width, dtype=torch.bool)
-        feature_region[:s, :s] = True
+        feature_region[top:top + s, left:left + s] = True
         if config.n_squares == 2:
             feature_region[:s, -s:] = True
 

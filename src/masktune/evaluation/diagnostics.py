@@ -4,8 +4,10 @@ feature (on the images that carry it, split by whether their label is the one it
 from __future__ import annotations
 
 import torch
+from torch.utils.data import Dataset
 
 from ..masks.maskset import MaskSet
+from .leakage import mask_leakage
 
 
 def _masked_counts(masks: MaskSet | torch.Tensor, region: torch.Tensor | None,
@@ -22,7 +24,8 @@ def _masked_counts(masks: MaskSet | torch.Tensor, region: torch.Tensor | None,
 
 
 def mask_diagnostics(masks: MaskSet | torch.Tensor, spurious: torch.Tensor | None = None,
-                     region: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
+                     region: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                     dataset: Dataset | None = None, fill: float = 0.0) -> dict[str, float]:
     """How much the masks hide, and how much of the spurious ``region`` [H, W] they cover.
 
     ``masks`` is a :class:`~masktune.MaskSet` or a bool tensor [N, H, W].
@@ -35,7 +38,10 @@ def mask_diagnostics(masks: MaskSet | torch.Tensor, spurious: torch.Tensor | Non
     *conflicting* ones, and ``aligned_region_fully_covered_percent`` and
     ``conflicting_region_fully_covered_percent`` say how often each has its whole region masked.
     A model that uses the shortcut but recognises the conflicting images by other features should
-    mask the region on the aligned images only.
+    mask the region on the aligned images only. With ``dataset`` (the unmasked images the masks
+    belong to), ``leakage_percent`` is :func:`~masktune.evaluation.leakage.mask_leakage`'s score in
+    percent: how much of a class's masked pixels are a mark (the ``fill`` where the other classes do
+    not have it) that tells the classes apart.
     """
     has_feature = region is not None and spurious is not None and bool(spurious.any())
     per_image, inside_all = _masked_counts(masks, region if has_feature else None)
@@ -43,6 +49,8 @@ def mask_diagnostics(masks: MaskSet | torch.Tensor, spurious: torch.Tensor | Non
         "masked_percent": 100.0 * per_image.mean().item() / (masks.shape[-2] * masks.shape[-1]),
         "masked_pixels_per_image": per_image.mean().item(),
     }
+    if dataset is not None:
+        result["leakage_percent"] = 100.0 * mask_leakage(dataset, masks, fill=fill)["score"]
     if not has_feature:
         return result
     carried = spurious.bool()

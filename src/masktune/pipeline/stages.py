@@ -233,12 +233,13 @@ def finetuned(method: str, masks: MaskSet | torch.Tensor, erm_result: ERMResult,
 
 def mask_report(method: str, masks: list[MaskSet | torch.Tensor], data: RunData) -> dict[str, dict]:
     """:func:`~masktune.mask_diagnostics` of each iteration's masks of ``method``, keyed ``method``,
-    then ``<method>_iteration2``, ...; with a known feature region, its coverage too."""
+    then ``<method>_iteration2``, ...: with the masks' leakage, and with a known feature region,
+    its coverage too."""
     spurious = getattr(data.train, "metadata", {}).get("spurious")
     region = data.experiment.feature_region
     labels = labels_of(data.train) if spurious is not None and region is not None else None
     names = [method, *(f"{method}_iteration{i}" for i in range(2, len(masks) + 1))]
-    return {name: mask_diagnostics(m, spurious, region, labels) for name, m in zip(names, masks)}
+    return {name: mask_diagnostics(m, spurious, region, labels, dataset=data.train) for name, m in zip(names, masks)}
 
 
 def evaluate_methods(spec: Experiment, config: RunConfig, models: dict[str, nn.Module], data: RunData,

@@ -46,6 +46,7 @@ from ..data.base import labels_of, limited
 from ..distributed import resolve_device
 from ..data.loader import make_loader, to_device
 from ..errors import ReportError
+from ..evaluation.leakage import verdict
 from ..masks import make_rule
 from ..models import model_device, place, resolve_cam_layer
 from ..pipeline import ExperimentData, RunConfig, get_experiment, make_config
@@ -250,10 +251,21 @@ def _accuracy_rows(runs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _leakage_verdicts(runs: Sequence[dict]) -> str:
+    """Each method's leakage verdict (its mean score over the runs), in plain words."""
+    scores: dict[str, list[float]] = {}
+    for run in runs:
+        for method, diag in run.get("masking", {}).items():
+            if "leakage_percent" in diag:
+                scores.setdefault(method, []).append(diag["leakage_percent"] / 100)
+    return "".join(f"<p><b>{html.escape(method_style(m)[0])} masks:</b> "
+                   f"{html.escape(verdict(statistics.fmean(v)))}.</p>" for m, v in scores.items())
+
+
 def _masking_table(runs: Sequence[dict], feature: str) -> str:
     masking = [r.get("masking", {}) for r in runs]
     keys = list(next(iter(masking[0].values())))
-    return _table(
+    return _leakage_verdicts(runs) + _table(
         ["method", *(k.replace("_percent", " (%)").replace("_", " ").replace("region", feature) for k in keys)],
         [[method_style(m)[0], *(_spread([x[m][k] for x in masking if k in x.get(m, {})], 1) for k in keys)]
          for m in masking[0]])

@@ -3,6 +3,8 @@ masking figures, timings, and selective classification."""
 
 from __future__ import annotations
 
+from ..evaluation.leakage import MARK_THRESHOLD, verdict
+
 
 def results_table(results: dict) -> str:
     """Accuracy (%) of each method on each test set, then worst-group accuracy and masking figures."""
@@ -29,6 +31,8 @@ def results_table(results: dict) -> str:
         figures = ", ".join(f"{k.replace('_percent', '')} {v:.1f}%" if k.endswith("percent") else f"{k} {v:.1f}"
                             for k, v in diag.items())
         lines.append(f"{method} masks: {figures}")
+        if diag.get("leakage_percent", 0.0) >= 100 * MARK_THRESHOLD:
+            lines.append(f"{method} masks: {verdict(diag['leakage_percent'] / 100)}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in results.get("timings_s", {}).items())
     if timings:
         lines.append(f"time: {timings}")
