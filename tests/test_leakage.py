@@ -1,10 +1,14 @@
-"""The mask-leakage statistic against hand-built cases and a brute-force reference."""
+"""The mask-leakage statistic against hand-built cases and a brute-force reference, and the ways of
+applying masks (fills, mixing) against references, aligned under augmentation."""
 
 import torch
 
-from masktune import ImageDataset, mask_diagnostics
+from masktune import ImageDataset, MaskedDataset, TrainSettings, finetune, mask_diagnostics
+from masktune.data import EpochBatches
+from masktune.data.loader import to_device
 from masktune.evaluation import mask_leakage
-from masktune.evaluation.leakage import MARK_THRESHOLD
+from masktune.evaluation.leakage import MARK_THRESHOLD, leakage_percent
+from masktune.training import _epoch_seed
 
 
 def two_classes(n=8, size=6):
@@ -84,3 +88,68 @@ def test_mask_diagnostics_report_the_leakage_in_percent():
     assert mask_diagnostics(masks, dataset=data)["leakage_percent"] == 50.0
     assert "leakage_percent" not in mask_diagnostics(masks)
     assert MARK_THRESHOLD <= 0.5
+
+
+def fill_case(n=12, size=5):
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 3
+    masks = torch.rand(n, size, size, generator=g) < 0.4
+    return ImageDataset(images, labels), masks
+
+
+def test_mean_fill_puts_the_per_pixel_mean_on_masked_pixels():
+    data, masks = fill_case()
+    images = data.images.float() / 255
+    mean = images.mean(0)
+    masked = MaskedDataset(data, masks, fill="mean")
+    batch = masked.__getitems__(list(range(12)))[0]
+    assert torch.allclose(batch, torch.where(masks[:, None], mean, images), atol=1e-6)
+    assert torch.allclose(masked[4][0], torch.where(masks[4][None], mean, images[4]), atol=1e-6)
+
+
+def test_random_image_fill_takes_the_pixels_of_a_random_training_image():
+    data, masks = fill_case()
+    masked = MaskedDataset(data, masks, fill="random-image")
+    torch.manual_seed(7)
+    batch = masked.__getitems__([0, 5, 9])[0]
+    torch.manual_seed(7)
+    donors = torch.randint(12, (3,))
+    images = data.images.float() / 255
+    assert torch.equal(batch, torch.where(masks[[0, 5, 9], None], images[donors], images[[0, 5, 9]]))
+
+
+def test_other_class_mixing_adds_the_mask_of_an_image_of_another_class():
+    data, masks = fill_case()
+    masked = MaskedDataset(data, masks, mixing="own+other-class")
+    torch.manual_seed(0)
+    applied = masked.applied_masks(list(range(12)))
+    for i in range(12):
+        partners = [j for j in range(12) if data.labels[j] != data.labels[i]]
+        assert any(torch.equal(applied[i], masks[i] | masks[j]) for j in partners)
+    batch = masked.__getitems__([2])[0]
+    assert ((batch == 0).all(1) >= masks[2]).all()  # at least its own mask
+
+
+def test_each_fill_is_applied_before_the_batch_augmentation():
+    data, masks = fill_case()
+    for fill in (0.0, "mean", "random-image"):
+        seen = []
+        masked = MaskedDataset(data, masks, fill=fill)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(75, 3))
+        torch.manual_seed(1)
+        finetune(model, masked, TrainSettings(batch_size=12, progress=False, augment=lambda b: seen.append(b) or b))
+        torch.manual_seed(1)
+        order = list(EpochBatches(12, 12, seed=_epoch_seed(0, 0, finetune=True)))[0]
+        reference = to_device(masked.__getitems__(order)[0], "cpu")
+        assert torch.equal(seen[0], reference), fill
+
+
+def test_leakage_of_each_fill_as_applied():
+    data = two_classes()
+    masks = region_masks(data.labels, slice(2, 4), slice(2, 4))
+    assert leakage_percent(MaskedDataset(data, masks)) == 50.0
+    assert leakage_percent(MaskedDataset(data, masks, fill="mean")) == 100.0  # a grey no other image shows
+    assert leakage_percent(MaskedDataset(data, masks, fill="random-image")) is None  # no fill value to look for
+    torch.manual_seed(0)
+    assert leakage_percent(MaskedDataset(data, masks, mixing="own+other-class")) < 50.0

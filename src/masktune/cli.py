@@ -40,6 +40,10 @@ RUN_FLAGS = {
     "cam_method": (str, "xgradcam, gradcam, gradcam++, hirescam, layercam, or any pytorch-grad-cam method"),
     "mask_rule": (str, "mean-std: heat > mean + k*std; top-percent: the p%% hottest pixels; threshold: heat > t"),
     "mask_param": (float, "the rule's k (default 2), p (default 5) or t (default 0.5)"),
+    "mask_fill": (str, "what masked pixels become: zero (the paper's), mean (the per-pixel mean image) or "
+                  "random-image (the pixels of another random training image)"),
+    "mask_mixing": (str, "own (the paper's), or own+other-class: each image also gets the mask of a random "
+                    "image of another class"),
     "iterations": (int, "MaskTune iterations: each one after the first re-masks with the finetuned model"),
     "masks": (str, "reuse this saved mask set (OUT/masks/masktune.pt of an earlier run)"),
     "num_workers": (int, "data-loader worker processes (default: none for in-memory and cached images, one per "

@@ -46,13 +46,16 @@ class BiasedMNISTConfig:
 
 
 class BiasedMNIST(NamedTuple):
-    """The biased MNIST splits and the pixels of the spurious square(s) (None for other bias types)."""
+    """The biased MNIST splits and the pixels of the spurious square(s) (None for other bias types).
+    ``val_original`` holds the validation images without the feature: a shortcut-free validation
+    set, the validation analogue of ``test_original``."""
 
     train: ImageDataset
     val: ImageDataset
     test_original: ImageDataset
     test_biased: ImageDataset
     feature_region: Tensor | None
+    val_original: ImageDataset | None = None
 
 
 def _validate(config: BiasedMNISTConfig, n_train: int) -> None:
@@ -176,6 +179,9 @@ def make_biased_mnist(
     order = torch.randperm(len(train_digits), generator=generator)
     train = biased("train", order[config.val_size :])
     val = biased("val", order[: config.val_size])
+    val_index = order[: config.val_size]
+    val_original = build("val_original", train_gray[val_index], train_digits[val_index],
+                         torch.zeros(len(val_index), dtype=torch.bool), None)
 
     test_gray = torch.from_numpy(arrays.test_images)
     test_digits = torch.from_numpy(arrays.test_labels).long()
@@ -184,4 +190,4 @@ def make_biased_mnist(
     reversed_flags = test_digits >= 5
     second = reversed_flags if config.n_squares == 2 else None
     test_biased = build("test_biased", test_gray, test_digits, reversed_flags, second)
-    return BiasedMNIST(train, val, test_original, test_biased, feature_region)
+    return BiasedMNIST(train, val, test_original, test_biased, feature_region, val_original)

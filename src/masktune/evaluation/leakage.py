@@ -27,14 +27,16 @@ from torch.utils.data import Dataset
 
 from ..data.base import labels_of
 from ..data.loader import make_loader, to_device
+from ..masks.dataset import MaskedDataset
 from ..masks.maskset import MaskSet
 
 MARK_THRESHOLD = 0.25  # a score from here on: the masks leave a mark that predicts the label
 
 
-def mask_leakage(dataset: Dataset, masks: MaskSet | torch.Tensor, *, fill: float = 0.0, batch_size: int = 1024,
-                 labels: torch.Tensor | None = None) -> dict:
-    """The leakage statistic of ``masks`` applied with ``fill`` to ``dataset`` (see the module).
+def mask_leakage(dataset: Dataset, masks: MaskSet | torch.Tensor, *, fill: float | torch.Tensor = 0.0,
+                 batch_size: int = 1024, labels: torch.Tensor | None = None) -> dict:
+    """The leakage statistic of ``masks`` applied with ``fill`` (a value, or a per-pixel fill image
+    ``[C, H, W]``) to ``dataset`` (see the module).
 
     ``dataset`` yields the unmasked images (the mask view) in ``[0, 1]``. Returns ``score`` (the
     largest class score), ``class_scores``, ``verdict`` (a sentence), ``leaks`` (score at least
@@ -65,6 +67,22 @@ def mask_leakage(dataset: Dataset, masks: MaskSet | torch.Tensor, *, fill: float
     score = max(class_scores, default=0.0)
     return {"score": score, "class_scores": class_scores, "leaks": score >= MARK_THRESHOLD,
             "verdict": verdict(score), "maps": maps.float().view(classes, height, width)}
+
+
+def leakage_percent(masked: MaskedDataset) -> float | None:
+    """:func:`mask_leakage`'s score, in percent, of the masks as ``masked`` applies them: with its
+    fill (a value, or the mean image for ``"mean"``) and, with mask mixing, one draw of the mixed
+    masks. None for ``"random-image"``: its pixels come from other images and show no fill value,
+    which the statistic needs."""
+    if masked.fill == "random-image":
+        return None
+    masks = masked.masks
+    if masked.mixing != "own":
+        n = len(masked)
+        masks = MaskSet.concatenate([MaskSet.from_bool(masked.applied_masks(torch.arange(start, min(start + 4096, n))))
+                                     for start in range(0, n, 4096)])
+    fill = masked.fill_image if masked.fill_image is not None else masked.fill
+    return 100.0 * mask_leakage(masked.base, masks, fill=fill)["score"]
 
 
 def verdict(score: float) -> str:

@@ -45,12 +45,14 @@ def masktune_finetune(
     rule: str | MaskRule = "mean-std",
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     geometry: str = "aligned",
+    fill: float | str = 0.0,
+    mixing: str = "own",
     desc: str = "masktune",
 ) -> MaskTuneResult:
     """MaskTune's finetuning, optionally iterated (SPEC.md section 1, steps 4 and 5), on ``model`` in place.
 
     Iteration 1 finetunes one epoch on ``train_set`` with ``masks`` applied (:class:`MaskedDataset`
-    with ``geometry``), continuing ``optimizer_state`` (of the kind ``settings.optimizer``) with
+    with ``geometry``, ``fill`` and ``mixing``; the defaults are the paper's zeros), continuing ``optimizer_state`` (of the kind ``settings.optimizer``) with
     learning rate ``settings.lr``; ``settings.augment`` runs on each batch after masking.
     Each later iteration re-masks with the finetuned model (:func:`compute_masks` on ``mask_view``,
     default ``train_set``, with ``layer``, ``method``, ``rule`` and ``preprocess``) and finetunes one
@@ -76,7 +78,7 @@ def masktune_finetune(
             masks = new
         masking_s = time.perf_counter() - started
         result.masks.append(masks)
-        history = finetune(model, MaskedDataset(train_set, masks, geometry=geometry),
+        history = finetune(model, MaskedDataset(train_set, masks, geometry=geometry, fill=fill, mixing=mixing),
                            dataclasses.replace(settings, seed=settings.seed + iteration), optimizer=optimizer,
                            desc=desc)
         result.history += [{**h, "iteration": iteration + 1, "masking_s": round(masking_s, 3)} for h in history]

@@ -28,7 +28,8 @@ class RunConfig:
     the options of the experiment's data builder. ``pretrained`` loads pretrained weights where the
     experiment's model has them; ``selective`` adds selective classification (ERM alone and the
     MaskTune rule) at ``coverages`` (%) on the test set ``selective_test`` (default: the first).
-    ``num_workers`` ``None`` chooses DataLoader workers by the data (none for in-memory and cached
+    ``mask_fill`` and ``mask_mixing`` say how MaskTune's masks are applied (see
+    :class:`~masktune.MaskedDataset`; ``zero`` and ``own`` are the paper's). ``num_workers`` ``None`` chooses DataLoader workers by the data (none for in-memory and cached
     images); ``precision`` and ``compile`` are those of :class:`~masktune.TrainSettings`.
     ``cache`` reads image-file datasets from their decoded-image cache (in ``cache_dir``, default
     ``$MASKTUNE_HOME/images``) instead of decoding every file in every stage."""
@@ -45,6 +46,8 @@ class RunConfig:
     cam_method: str = "xgradcam"
     mask_rule: str = "mean-std"
     mask_param: float | None = None
+    mask_fill: str = "zero"
+    mask_mixing: str = "own"
     iterations: int = 1
     accumulate: bool = False
     masks: str | None = None

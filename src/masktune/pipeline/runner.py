@@ -16,7 +16,7 @@ import torch
 
 from .. import distributed
 from ..errors import ConfigError
-from ..masks import MaskSet, make_rule
+from ..masks import MaskedDataset, MaskSet, make_rule
 from ..models import autocast_dtype
 from ..saliency import get_method
 from ..storage import write_json
@@ -32,10 +32,12 @@ FINETUNES = ("randmask", "masktune")
 
 def check_config(config: RunConfig) -> None:
     """Refuse, before anything runs, settings that cannot work: :meth:`RunConfig.validate`, and the
-    names of the mask rule, the CAM method, the optimizer, the device and the precision."""
+    names of the mask rule, the mask fill and mixing, the CAM method, the optimizer, the device and
+    the precision."""
     config.validate()
     make_rule(config.mask_rule, config.mask_param)
     get_method(config.cam_method)
+    MaskedDataset.check_options(config.mask_fill, config.mask_mixing)
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     autocast_dtype(config.precision, distributed.resolve_device(config.device))
@@ -91,7 +93,7 @@ def _run(spec: Experiment, config: RunConfig, device: torch.device, run: RunDir,
             tuned = stages.finetuned(method, masks, erm, lambda: spec.build_model(config, data.experiment.num_classes),
                                      data.train, tuning, recipe, config, run, timer, log, key)
             models[method] = tuned.model
-            masking |= stages.mask_report(method, tuned.masks, data)
+            masking |= stages.mask_report(method, tuned.masks, data, config)
             history.extend(tuned.history)
         evaluation = stages.evaluation(spec, config, models, data, device, run, timer, key)
     outcome = {"data": {"source": config.data_dir or "default", "fingerprints": fingerprints}, "run_key": key,

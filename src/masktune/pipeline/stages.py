@@ -21,7 +21,8 @@ from ..data.files import ImageFiles
 from ..data.loader import first_batch
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation import evaluate_logits, group_counts, mask_diagnostics, selective_classification
-from ..masks import MaskSet, masktune_finetune, prepare_masking, random_square_maskset
+from ..evaluation.leakage import leakage_percent
+from ..masks import MaskedDataset, MaskSet, masktune_finetune, prepare_masking, random_square_maskset
 from ..masks.rules import MaskRule
 from ..models import eval_mode, place, resolve_cam_layer
 from ..saliency import CAM
@@ -204,7 +205,8 @@ def finetuned(method: str, masks: MaskSet | torch.Tensor, erm_result: ERMResult,
         tuned.load_state_dict(erm_result.last.model)
         torch.manual_seed(config.seed)  # a restarted finetune replays the same random draws
         iterate = (dict(iterations=config.iterations, accumulate=config.accumulate, layer=recipe.layer,
-                        method=recipe.method, rule=recipe.rule) if method == "masktune" else {})
+                        method=recipe.method, rule=recipe.rule, fill=config.mask_fill, mixing=config.mask_mixing)
+                   if method == "masktune" else {})
         with timer(f"finetune_{method}"):
             try:
                 result = masktune_finetune(tuned, train, masks, settings, optimizer_state=erm_result.last.optimizer,
@@ -231,15 +233,21 @@ def finetuned(method: str, masks: MaskSet | torch.Tensor, erm_result: ERMResult,
     return run.stage(Path("checkpoints") / f"{method}.pt", compute, save, load)
 
 
-def mask_report(method: str, masks: list[MaskSet | torch.Tensor], data: RunData) -> dict[str, dict]:
+def mask_report(method: str, masks: list[MaskSet | torch.Tensor], data: RunData, config: RunConfig) -> dict[str, dict]:
     """:func:`~masktune.mask_diagnostics` of each iteration's masks of ``method``, keyed ``method``,
-    then ``<method>_iteration2``, ...: with the masks' leakage, and with a known feature region,
-    its coverage too."""
+    then ``<method>_iteration2``, ...: with the masks' leakage (of the masks as applied: MaskTune's
+    with ``config.mask_fill`` and ``mask_mixing``), and with a known feature region, its coverage too."""
     spurious = getattr(data.train, "metadata", {}).get("spurious")
     region = data.experiment.feature_region
     labels = labels_of(data.train) if spurious is not None and region is not None else None
     names = [method, *(f"{method}_iteration{i}" for i in range(2, len(masks) + 1))]
-    return {name: mask_diagnostics(m, spurious, region, labels, dataset=data.train) for name, m in zip(names, masks)}
+    options = dict(fill=config.mask_fill, mixing=config.mask_mixing) if method == "masktune" else {}
+    report = {}
+    for name, m in zip(names, masks):
+        leakage = leakage_percent(MaskedDataset(data.train, m, **options))
+        report[name] = mask_diagnostics(m, spurious, region, labels) | (
+            {"leakage_percent": leakage} if leakage is not None else {})
+    return report
 
 
 def evaluate_methods(spec: Experiment, config: RunConfig, models: dict[str, nn.Module], data: RunData,
