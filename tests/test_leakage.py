@@ -153,3 +153,33 @@ def test_leakage_of_each_fill_as_applied():
     assert leakage_percent(MaskedDataset(data, masks, fill="random-image")) is None  # no fill value to look for
     torch.manual_seed(0)
     assert leakage_percent(MaskedDataset(data, masks, mixing="own+other-class")) < 50.0
+
+
+def test_heat_share_rule_takes_the_hottest_pixels_holding_the_share():
+    from masktune import make_rule
+
+    heat = torch.tensor([[[0.5, 0.25], [0.25, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    assert make_rule("heat-share", 50)(heat)[0].tolist() == [[True, False], [False, False]]
+    assert make_rule("heat-share", 60)(heat)[0].tolist() == [[True, True], [False, False]]  # the crossing one too
+    assert make_rule("heat-share", 100)(heat)[0].tolist() == [[True, True], [True, False]]  # never zero heat
+    assert not make_rule("heat-share", 100)(heat)[1].any()
+    big = torch.zeros(1, 4, 4)
+    big[0, :3, :3] = 1.0  # heat spread evenly over 9 pixels: half of it needs 5 of them
+    assert make_rule("heat-share", 50)(big).sum() == 5
+
+
+def test_heat_removed_is_the_share_of_the_heat_the_masks_cover():
+    from masktune import saliency_maps
+    from masktune.evaluation.diagnostics import heat_removed
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageDataset(torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(20) % 2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2)).eval()
+    masks = torch.rand(20, 8, 8, generator=g) < 0.3
+    heat, _ = saliency_maps(model, data.images.float() / 255, model[1])
+    expected = 100 * ((heat * masks).sum((1, 2)) / heat.sum((1, 2))).mean().item()
+    assert abs(heat_removed(model, data, masks, "1", batch_size=7) - expected) < 1e-4
+    assert abs(heat_removed(model, data, masks, "1", limit=5) - 100 * ((heat[:5] * masks[:5]).sum((1, 2))
+                                                                        / heat[:5].sum((1, 2))).mean().item()) < 1e-4

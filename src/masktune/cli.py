@@ -38,8 +38,9 @@ RUN_FLAGS = {
     "lr": (float, "ERM learning rate"),
     "finetune_lr": (float, "finetune learning rate (default: the ERM one, as the authors)"),
     "cam_method": (str, "xgradcam, gradcam, gradcam++, hirescam, layercam, or any pytorch-grad-cam method"),
-    "mask_rule": (str, "mean-std: heat > mean + k*std; top-percent: the p%% hottest pixels; threshold: heat > t"),
-    "mask_param": (float, "the rule's k (default 2), p (default 5) or t (default 0.5)"),
+    "mask_rule": (str, "mean-std: heat > mean + k*std; top-percent: the p%% hottest pixels; threshold: heat > t; "
+                  "heat-share: the hottest pixels holding q%% of the heat"),
+    "mask_param": (float, "the rule's k (default 2), p (default 5), t (default 0.5) or q (default 50)"),
     "mask_fill": (str, "what masked pixels become: zero (the paper's), mean (the per-pixel mean image) or "
                   "random-image (the pixels of another random training image)"),
     "mask_mixing": (str, "own (the paper's), or own+other-class: each image also gets the mask of a random "

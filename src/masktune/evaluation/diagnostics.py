@@ -4,9 +4,13 @@ feature (on the images that carry it, split by whether their label is the one it
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch import nn
+from torch.utils.data import Dataset, Subset
 
+from ..data.loader import first_batch, make_loader, to_device
+from ..masks.compute import prepare_masking
 from ..masks.maskset import MaskSet
+from ..saliency import CAM, saliency_maps
 from .leakage import mask_leakage
 
 
@@ -67,3 +71,22 @@ def mask_diagnostics(masks: MaskSet | torch.Tensor, spurious: torch.Tensor | Non
             if share.any():
                 result[f"{name}_region_fully_covered_percent"] = 100.0 * full[share].float().mean().item()
     return result
+
+
+def heat_removed(model: nn.Module, dataset: Dataset, masks: MaskSet | torch.Tensor, layer: str | None = None, *,
+                 method: str | CAM = "xgradcam", device: torch.device | str | None = None, limit: int = 2048,
+                 batch_size: int = 256) -> float:
+    """The share (%) of each image's heat mass (``method``'s map for the predicted class, the map the
+    masks are made from) that its mask covers, averaged over the first ``limit`` images of
+    ``dataset``. Low values say the masks hide little of what the model looks at: a cue larger than
+    the masks, or one spread thinly over the image."""
+    part = Subset(dataset, range(min(limit, len(dataset))))
+    masker = prepare_masking(model, first_batch(part, "cpu"), layer, method=method, device=device)
+    shares, start = [], 0
+    for images, *_ in make_loader(part, batch_size):
+        images = to_device(images, masker.device).contiguous(memory_format=masker.memory_format)
+        heat, _ = saliency_maps(masker.model, images, masker.cam_layer, method=masker.method)
+        covered = masks[start:start + len(images)].to(heat.device)
+        start += len(images)
+        shares.append(((heat * covered).sum((1, 2)) / heat.sum((1, 2)).clamp_min(1e-12)).cpu())
+    return 100.0 * torch.cat(shares).mean().item()

@@ -92,7 +92,28 @@ class ThresholdRule(MaskRule):
         return heatmaps > self.value
 
 
-RULES: dict[str, type[MaskRule]] = {cls.name: cls for cls in (MeanStdRule, TopPercentRule, ThresholdRule)}
+class HeatShareRule(MaskRule):
+    """The hottest pixels of each image that together hold the share ``q`` percent of its heat mass
+    (the fewest such pixels: hottest first, the one that crosses ``q`` included; among equal heat,
+    the first in row-major order), never a pixel with zero heat. Unlike mean + k std, the masked
+    area follows the heat: a cue whose heat spreads over a large region gets a large mask."""
+
+    name, parameter, default = "heat-share", "q", 50.0
+
+    def validate(self) -> None:
+        if not 0 < self.value <= 100:
+            raise ConfigError(f"heat-share needs 0 < q <= 100, got {self.value:g}")
+
+    def __call__(self, heatmaps: torch.Tensor) -> torch.Tensor:
+        flat = heatmaps.flatten(-2).double()
+        heat, order = flat.sort(dim=-1, descending=True, stable=True)
+        before = heat.cumsum(-1) - heat  # heat of the hotter pixels
+        take = (before < self.value / 100 * heat.sum(-1, keepdim=True)) & (heat > 0)
+        return torch.zeros_like(take).scatter_(-1, order, take).view_as(heatmaps)
+
+
+RULES: dict[str, type[MaskRule]] = {cls.name: cls for cls in (MeanStdRule, TopPercentRule, ThresholdRule,
+                                                              HeatShareRule)}
 
 
 def make_rule(rule: str | MaskRule = "mean-std", value: float | None = None) -> MaskRule:

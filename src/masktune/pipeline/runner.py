@@ -93,7 +93,7 @@ def _run(spec: Experiment, config: RunConfig, device: torch.device, run: RunDir,
             tuned = stages.finetuned(method, masks, erm, lambda: spec.build_model(config, data.experiment.num_classes),
                                      data.train, tuning, recipe, config, run, timer, log, key)
             models[method] = tuned.model
-            masking |= stages.mask_report(method, tuned.masks, data, config)
+            masking |= stages.mask_report(method, tuned.masks, data, config, model, recipe, device)
             history.extend(tuned.history)
         evaluation = stages.evaluation(spec, config, models, data, device, run, timer, key)
     outcome = {"data": {"source": config.data_dir or "default", "fingerprints": fingerprints}, "run_key": key,

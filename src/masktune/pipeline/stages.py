@@ -21,6 +21,7 @@ from ..data.files import ImageFiles
 from ..data.loader import first_batch
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation import evaluate_logits, group_counts, mask_diagnostics, selective_classification
+from ..evaluation.diagnostics import heat_removed
 from ..evaluation.leakage import leakage_percent
 from ..masks import MaskedDataset, MaskSet, masktune_finetune, prepare_masking, random_square_maskset
 from ..masks.rules import MaskRule
@@ -233,10 +234,13 @@ def finetuned(method: str, masks: MaskSet | torch.Tensor, erm_result: ERMResult,
     return run.stage(Path("checkpoints") / f"{method}.pt", compute, save, load)
 
 
-def mask_report(method: str, masks: list[MaskSet | torch.Tensor], data: RunData, config: RunConfig) -> dict[str, dict]:
+def mask_report(method: str, masks: list[MaskSet | torch.Tensor], data: RunData, config: RunConfig,
+                model: nn.Module, recipe: MaskRecipe, device: torch.device) -> dict[str, dict]:
     """:func:`~masktune.mask_diagnostics` of each iteration's masks of ``method``, keyed ``method``,
     then ``<method>_iteration2``, ...: with the masks' leakage (of the masks as applied: MaskTune's
-    with ``config.mask_fill`` and ``mask_mixing``), and with a known feature region, its coverage too."""
+    with ``config.mask_fill`` and ``mask_mixing``), with a known feature region its coverage too,
+    and for MaskTune's first masks the share of the heat of ``model`` (the best ERM model) they
+    remove (:func:`~masktune.evaluation.diagnostics.heat_removed`)."""
     spurious = getattr(data.train, "metadata", {}).get("spurious")
     region = data.experiment.feature_region
     labels = labels_of(data.train) if spurious is not None and region is not None else None
@@ -247,6 +251,9 @@ def mask_report(method: str, masks: list[MaskSet | torch.Tensor], data: RunData,
         leakage = leakage_percent(MaskedDataset(data.train, m, **options))
         report[name] = mask_diagnostics(m, spurious, region, labels) | (
             {"leakage_percent": leakage} if leakage is not None else {})
+    if method == "masktune":
+        report[method]["heat_removed_percent"] = heat_removed(model, data.train, masks[0], recipe.layer,
+                                                              method=recipe.method, device=device)
     return report
 
 
