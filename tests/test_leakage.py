@@ -183,3 +183,14 @@ def test_heat_removed_is_the_share_of_the_heat_the_masks_cover():
     assert abs(heat_removed(model, data, masks, "1", batch_size=7) - expected) < 1e-4
     assert abs(heat_removed(model, data, masks, "1", limit=5) - 100 * ((heat[:5] * masks[:5]).sum((1, 2))
                                                                         / heat[:5].sum((1, 2))).mean().item()) < 1e-4
+
+
+def test_a_low_heat_share_is_said_in_the_printed_table():
+    from masktune.report import results_table
+
+    results = {"accuracy": {"masktune": {"test": {"accuracy": 50.0}}},
+               "masking": {"masktune": {"masked_percent": 4.0, "heat_removed_percent": 11.8, "leakage_percent": 1.0}}}
+    table = results_table(results)
+    assert "cover only 12% of the ERM model's heat" in table and "large or diffuse cue" in table
+    results["masking"]["masktune"]["heat_removed_percent"] = 30.7
+    assert "heat:" not in results_table(results) and "cover only" not in results_table(results)

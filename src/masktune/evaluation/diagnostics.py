@@ -73,6 +73,17 @@ def mask_diagnostics(masks: MaskSet | torch.Tensor, spurious: torch.Tensor | Non
     return result
 
 
+LOW_HEAT = 20.0  # % of the heat: below it the masks hide little of what the model looks at
+
+
+def heat_verdict(percent: float) -> str:
+    """The plain-language reading of :func:`heat_removed`'s share."""
+    if percent < LOW_HEAT:
+        return (f"the masks cover only {percent:.0f}% of the ERM model's heat: what it relies on is larger or more "
+                "spread out than the masks (a large or diffuse cue?), so masking can remove only part of it")
+    return f"the masks cover {percent:.0f}% of the ERM model's heat"
+
+
 def heat_removed(model: nn.Module, dataset: Dataset, masks: MaskSet | torch.Tensor, layer: str | None = None, *,
                  method: str | CAM = "xgradcam", device: torch.device | str | None = None, limit: int = 2048,
                  batch_size: int = 256) -> float:

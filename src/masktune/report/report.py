@@ -46,6 +46,7 @@ from ..data.base import labels_of, limited
 from ..distributed import resolve_device
 from ..data.loader import make_loader, to_device
 from ..errors import ReportError
+from ..evaluation.diagnostics import heat_verdict
 from ..evaluation.leakage import verdict
 from ..masks import make_rule
 from ..models import model_device, place, resolve_cam_layer
@@ -252,14 +253,17 @@ def _accuracy_rows(runs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def _leakage_verdicts(runs: Sequence[dict]) -> str:
-    """Each method's leakage verdict (its mean score over the runs), in plain words."""
-    scores: dict[str, list[float]] = {}
+    """Each method's leakage verdict and, for MaskTune, how much of the heat its masks cover (means
+    over the runs), in plain words."""
+    found: dict[tuple[str, str], list[float]] = {}
     for run in runs:
         for method, diag in run.get("masking", {}).items():
-            if "leakage_percent" in diag:
-                scores.setdefault(method, []).append(diag["leakage_percent"] / 100)
+            for key in ("leakage_percent", "heat_removed_percent"):
+                if key in diag:
+                    found.setdefault((method, key), []).append(diag[key])
+    read = {"leakage_percent": lambda v: verdict(v / 100), "heat_removed_percent": heat_verdict}
     return "".join(f"<p><b>{html.escape(method_style(m)[0])} masks:</b> "
-                   f"{html.escape(verdict(statistics.fmean(v)))}.</p>" for m, v in scores.items())
+                   f"{html.escape(read[key](statistics.fmean(v)))}.</p>" for (m, key), v in found.items())
 
 
 def _masking_table(runs: Sequence[dict], feature: str) -> str:

@@ -3,6 +3,7 @@ masking figures, timings, and selective classification."""
 
 from __future__ import annotations
 
+from ..evaluation.diagnostics import LOW_HEAT, heat_verdict
 from ..evaluation.leakage import MARK_THRESHOLD, verdict
 
 
@@ -33,6 +34,8 @@ def results_table(results: dict) -> str:
         lines.append(f"{method} masks: {figures}")
         if diag.get("leakage_percent", 0.0) >= 100 * MARK_THRESHOLD:
             lines.append(f"{method} masks: {verdict(diag['leakage_percent'] / 100)}")
+        if diag.get("heat_removed_percent", 100.0) < LOW_HEAT:
+            lines.append(f"{method} masks: {heat_verdict(diag['heat_removed_percent'])}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in results.get("timings_s", {}).items())
     if timings:
         lines.append(f"time: {timings}")
