@@ -84,20 +84,29 @@ def heat_verdict(percent: float) -> str:
     return f"the masks cover {percent:.0f}% of the ERM model's heat"
 
 
+def heat_shares(model: nn.Module, dataset: Dataset, cover: MaskSet | torch.Tensor, layer: str | None = None, *,
+                method: str | CAM = "xgradcam", device: torch.device | str | None = None,
+                batch_size: int = 256) -> torch.Tensor:
+    """The share (%) of each image's heat mass (``method``'s map for the predicted class, the map
+    masks are made from) inside ``cover``: one region [H, W] for every image, or a mask per image
+    ([N, H, W] or a :class:`MaskSet`). Returns a CPU tensor [N]."""
+    masker = prepare_masking(model, first_batch(dataset, "cpu"), layer, method=method, device=device)
+    shares, start = [], 0
+    for images, *_ in make_loader(dataset, batch_size):
+        images = to_device(images, masker.device).contiguous(memory_format=masker.memory_format)
+        heat, _ = saliency_maps(masker.model, images, masker.cam_layer, method=masker.method)
+        inside = cover if cover.dim() == 2 else cover[start:start + len(images)]
+        start += len(images)
+        shares.append(((heat * inside.to(heat.device)).sum((1, 2)) / heat.sum((1, 2)).clamp_min(1e-12)).cpu())
+    return 100.0 * torch.cat(shares)
+
+
 def heat_removed(model: nn.Module, dataset: Dataset, masks: MaskSet | torch.Tensor, layer: str | None = None, *,
                  method: str | CAM = "xgradcam", device: torch.device | str | None = None, limit: int = 2048,
                  batch_size: int = 256) -> float:
-    """The share (%) of each image's heat mass (``method``'s map for the predicted class, the map the
-    masks are made from) that its mask covers, averaged over the first ``limit`` images of
-    ``dataset``. Low values say the masks hide little of what the model looks at: a cue larger than
-    the masks, or one spread thinly over the image."""
-    part = Subset(dataset, range(min(limit, len(dataset))))
-    masker = prepare_masking(model, first_batch(part, "cpu"), layer, method=method, device=device)
-    shares, start = [], 0
-    for images, *_ in make_loader(part, batch_size):
-        images = to_device(images, masker.device).contiguous(memory_format=masker.memory_format)
-        heat, _ = saliency_maps(masker.model, images, masker.cam_layer, method=masker.method)
-        covered = masks[start:start + len(images)].to(heat.device)
-        start += len(images)
-        shares.append(((heat * covered).sum((1, 2)) / heat.sum((1, 2)).clamp_min(1e-12)).cpu())
-    return 100.0 * torch.cat(shares).mean().item()
+    """The share (%) of each image's heat mass that its mask covers (:func:`heat_shares`), averaged
+    over the first ``limit`` images of ``dataset``. Low values say the masks hide little of what the
+    model looks at: a cue larger than the masks, or one spread thinly over the image."""
+    n = min(limit, len(dataset))
+    return heat_shares(model, Subset(dataset, range(n)), masks[:n], layer, method=method, device=device,
+                       batch_size=batch_size).mean().item()

@@ -44,14 +44,12 @@ from torch.utils.data import Dataset, Subset
 
 from ..data.base import labels_of, limited
 from ..distributed import resolve_device
-from ..data.loader import make_loader, to_device
 from ..errors import ReportError
-from ..evaluation.diagnostics import heat_verdict
+from ..evaluation.diagnostics import heat_shares, heat_verdict
 from ..evaluation.leakage import verdict
 from ..masks import make_rule
-from ..models import model_device, place, resolve_cam_layer
+from ..models import model_device, place
 from ..pipeline import ExperimentData, RunConfig, get_experiment, make_config
-from ..saliency import saliency_maps
 from ..storage import atomic_write_bytes, load_torch, read_json
 from .figures import (accuracy_figure, group_label, method_style, png_bytes, risk_coverage_figure, saliency_grid,
                       training_figure)
@@ -149,13 +147,8 @@ def heat_share(model: nn.Module, dataset: Dataset, indices: Sequence[int], regio
                layer: str | None = None, *, batch_size: int = 256) -> torch.Tensor:
     """Share (%) of each heatmap's mass (xGradCAM, predicted class) inside ``region`` [H, W], for
     ``dataset[indices]``; returns a CPU tensor [len(indices)]."""
-    device = model_device(model)
-    _, cam_layer = resolve_cam_layer(model, layer, dataset[0][0].unsqueeze(0), device=device)
-    shares = []
-    for images, *_ in make_loader(Subset(dataset, list(indices)), batch_size):
-        heat, _ = saliency_maps(model, to_device(images, device), cam_layer)
-        shares.append(((heat * region.to(device)).sum((1, 2)) / heat.sum((1, 2)).clamp_min(1e-12)).cpu())
-    return 100.0 * torch.cat(shares)
+    return heat_shares(model, Subset(dataset, list(indices)), region, layer, device=model_device(model),
+                       batch_size=batch_size)
 
 
 def _selective(results: Mapping) -> dict | None:
