@@ -215,6 +215,30 @@ def test_background_and_foreground(arrays, bias_type, colour):
     np.testing.assert_array_equal(biased.test_original.images.numpy(), grey_rgb(arrays.test_images))
 
 
+# each cue's pixels, listed by hand: (rows, columns)
+FIXED_CUES = [
+    ({"position": "edge"}, [(r, c) for r in range(4) for c in range(12, 16)]),
+    ({"position": "centre", "square_size": 8}, [(r, c) for r in range(10, 18) for c in range(10, 18)]),
+    ({"bias_type": "band"}, [(r, c) for r in range(4) for c in range(28)]),
+    ({"bias_type": "band", "position": "centre", "square_size": 2}, [(r, c) for r in (13, 14) for c in range(28)]),
+    ({"bias_type": "sparse"}, [(r, c) for r in (2, 6, 10, 14, 18, 22, 26) for c in (2, 6, 10, 14, 18, 22, 26)]),
+]
+
+
+@pytest.mark.parametrize("options, pixels", FIXED_CUES)
+def test_edge_band_and_sparse_cues_colour_exactly_their_pixels(arrays, options, pixels):
+    colour = (255, 255, 255)
+    biased = make_biased_mnist(arrays, BiasedMNISTConfig(colour=colour, val_size=500, **options))
+    region = np.zeros((28, 28), bool)
+    region[tuple(zip(*pixels))] = True
+    np.testing.assert_array_equal(biased.feature_region.numpy(), region)
+    class1 = arrays.test_labels >= 5
+    expected = grey_rgb(arrays.test_images)
+    expected.transpose(0, 2, 3, 1)[class1[:, None, None] & region] = colour
+    np.testing.assert_array_equal(biased.test_biased.images.numpy(), expected)
+    np.testing.assert_array_equal(biased.test_original.images.numpy(), grey_rgb(arrays.test_images))
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -225,6 +249,8 @@ def test_background_and_foreground(arrays, bias_type, colour):
         ({"bias_type": "stripes"}, "bias_type"),
         ({"n_squares": 3}, "n_squares"),
         ({"n_squares": 2, "bias_type": "background"}, "n_squares=2"),
+        ({"n_squares": 2, "bias_type": "band"}, "n_squares=2"),
+        ({"position": "side"}, "position"),
         ({"colour": (256, 0, 0)}, "colour"),
         ({"val_size": 2000}, "val_size"),
         ({"val_size": 60000}, "val_size"),

@@ -1,11 +1,13 @@
 """The mask-leakage statistic against hand-built cases and a brute-force reference, and the ways of
 applying masks (fills, mixing) against references, aligned under augmentation."""
 
+import pytest
 import torch
 
 from masktune import ImageDataset, MaskedDataset, TrainSettings, finetune, mask_diagnostics
 from masktune.data import EpochBatches
 from masktune.data.loader import to_device
+from masktune.errors import ConfigError
 from masktune.evaluation import mask_leakage
 from masktune.evaluation.leakage import MARK_THRESHOLD, leakage_percent
 from masktune.training import _epoch_seed
@@ -194,3 +196,68 @@ def test_a_low_heat_share_is_said_in_the_printed_table():
     assert "cover only 12% of the ERM model's heat" in table and "large or diffuse cue" in table
     results["masking"]["masktune"]["heat_removed_percent"] = 30.7
     assert "heat:" not in results_table(results) and "cover only" not in results_table(results)
+
+
+def test_guarded_mixing_mixes_only_where_the_own_masks_leave_a_mark():
+    from masktune.evaluation.leakage import guarded_mixing
+
+    data = two_classes()
+    assert guarded_mixing(data, region_masks(data.labels, slice(2, 4), slice(2, 4))) == "own+other-class"  # 50%
+    assert guarded_mixing(data, region_masks(data.labels, slice(0, 2), slice(0, 2))) == "own"  # shared background
+    assert guarded_mixing(data, region_masks(data.labels, slice(2, 4), slice(2, 4)), "random-image") == "own"
+
+
+def test_the_guarded_recipe_finetunes_as_the_mixing_it_chose(tiny_run, tmp_path, monkeypatch):
+    from masktune.cli import main
+    from masktune.pipeline.config import RECIPES
+    from masktune.report import results_table
+    from masktune.storage import load_torch, read_json
+
+    monkeypatch.setenv("MASKTUNE_HOME", str(tiny_run.home))
+    assert main(tiny_run.args(tmp_path / "guarded", "--recipe", "guarded", "--position", "centre",
+                              "--methods", "erm,masktune", "--no-report")) == 0
+    results = read_json(tmp_path / "guarded" / "results.json")
+    chosen, masking = results["guarded_mixing"], results["masking"]["masktune"]
+    own = masking.get("own_leakage_percent", masking["leakage_percent"])
+    assert chosen == ("own+other-class" if own >= 100 * MARK_THRESHOLD else "own")
+    assert results["config"]["mask_mixing"] == "guarded" and "guarded recipe" in results_table(results)
+    assert main(tiny_run.args(tmp_path / "explicit", "--mask-mixing", chosen, "--position", "centre",
+                              "--methods", "erm,masktune", "--no-report")) == 0
+    weights = [load_torch(tmp_path / run / "checkpoints" / "masktune.pt")["model"] for run in ("guarded", "explicit")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert RECIPES["paper"]["mask_mixing"] == "own" and RECIPES["guarded"]["mask_mixing"] == "guarded"
+
+
+def test_explicit_settings_override_a_recipe_and_the_paper_recipe_is_the_default():
+    from masktune import make_config
+    from masktune.pipeline.config import recipe_settings
+
+    assert make_config("biased-mnist", recipe_settings("paper")) == make_config("biased-mnist")
+    assert make_config("biased-mnist", recipe_settings("guarded") | {"mask_mixing": "own"}) == make_config("biased-mnist")
+    assert make_config("biased-mnist", recipe_settings("guarded")).mask_mixing == "guarded"
+
+
+def test_the_table_and_the_report_say_what_the_guarded_recipe_chose():
+    from masktune.report import results_table
+    from masktune.report.report import _leakage_verdicts
+
+    runs = [{"masking": {"masktune": {"leakage_percent": 0.3, "own_leakage_percent": 41.0}},
+             "guarded_mixing": "own+other-class"}]
+    assert "own masks leave a mark that predicts the label (leakage 41.0%)" in _leakage_verdicts(runs)
+    accuracy = {"accuracy": {"masktune": {"test": {"accuracy": 90.0}}}}
+    assert "another class" in results_table(accuracy | runs[0])
+    runs.append({"masking": {"masktune": {"leakage_percent": 2.0}}, "guarded_mixing": "own"})
+    assert "a mark in 1 of 2 runs" in _leakage_verdicts(runs)
+    assert "leave no mark (leakage 2.0%)" in results_table(accuracy | runs[1])
+
+
+def test_a_sweep_can_compare_the_guarded_mixing_with_the_paper_recipe(tmp_path):
+    from masktune.pipeline import sweep
+    from masktune.pipeline.config import recipe_settings
+
+    runs = sweep.plan("biased-mnist", [0], ["mask_mixing=own,guarded"], recipe_settings("paper"), tmp_path)
+    assert [run.config.mask_mixing for run in runs] == ["own", "guarded"]
+    with pytest.raises(ConfigError, match="unknown mask mixing 'other'.*guarded"):
+        sweep.plan("biased-mnist", [0], ["mask_mixing=own,other"], {}, tmp_path)
+    with pytest.raises(ConfigError, match="unknown recipe 'robust'; choose one of paper, guarded"):
+        recipe_settings("robust")

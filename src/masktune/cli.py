@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import ConfigError, MaskTuneError
 from .pipeline import EXPERIMENTS, make_config, parse_overrides, run_experiment, sweep
-from .pipeline.config import coerce
+from .pipeline.config import RECIPES, coerce, recipe_settings
 from .report import results_table, write_report
 
 
@@ -43,8 +43,8 @@ RUN_FLAGS = {
     "mask_param": (float, "the rule's k (default 2), p (default 5), t (default 0.5) or q (default 50)"),
     "mask_fill": (str, "what masked pixels become: zero (the paper's), mean (the per-pixel mean image) or "
                   "random-image (the pixels of another random training image)"),
-    "mask_mixing": (str, "own (the paper's), or own+other-class: each image also gets the mask of a random "
-                    "image of another class"),
+    "mask_mixing": (str, "own (the paper's); own+other-class: each image also gets the mask of a random "
+                    "image of another class; guarded: own+other-class only where the own masks leak"),
     "iterations": (int, "MaskTune iterations: each one after the first re-masks with the finetuned model"),
     "masks": (str, "reuse this saved mask set (OUT/masks/masktune.pt of an earlier run)"),
     "num_workers": (int, "data-loader worker processes (default: none for in-memory and cached images, one per "
@@ -54,9 +54,10 @@ RUN_FLAGS = {
 }
 DATA_FLAGS = {
     "conflicting_ratio": (float, "share of class-1 images with the feature (and of class-0 images without)"),
-    "bias_type": (str, "square, background or foreground"),
-    "square_size": (int, "side of the square in pixels"),
-    "position": (str, "where the square sits: corner (the paper's) or centre"),
+    "bias_type": (str, "square, band (square-size rows across the image), sparse (every 4th pixel of every "
+                  "4th row), background or foreground"),
+    "square_size": (int, "side of the square (height of the band) in pixels"),
+    "position": (str, "where the square sits: corner (the paper's), edge (the middle of the top edge) or centre"),
     "colour": (tuple[int, ...], "R,G,B of the spurious feature, e.g. 255,0,0"),
     "n_squares": (int, "1, or 2 for a second square in the top-right corner"),
     "val_size": (int, "training images held out for validation"),
@@ -67,6 +68,9 @@ SWITCHES = {"accumulate": True, "tensorboard": True, "pretrained": False, "cache
 
 def _add_run_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
     parser.add_argument("experiment", nargs="?", default="biased-mnist", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--recipe", choices=list(RECIPES), default="paper",
+                        help="masking recipe: paper (the paper's, default) or guarded (the paper's, with other "
+                             "classes' masks mixed in where the own masks leave a mark); other flags override it")
     for key, (kind, text) in RUN_FLAGS.items():
         if key not in leave_out:
             parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=_typed(key, kind), help=text)
@@ -124,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(f"report: {write_report(args.run_dir, device=args.device, samples_per_group=args.samples)}")
             return 0
-        overrides = {key: value for key, value in vars(args).items()
-                     if value is not None and (key in RUN_FLAGS or key in SWITCHES or key.startswith("data."))}
+        overrides = recipe_settings(args.recipe) | {
+            key: value for key, value in vars(args).items()
+            if value is not None and (key in RUN_FLAGS or key in SWITCHES or key.startswith("data."))}
         if args.command == "sweep":
             out = Path(args.sweep_dir or f"runs/sweep-{args.experiment}")
             runs = sweep.plan(args.experiment, sweep.parse_seeds(args.seeds), args.set, overrides, out)

@@ -14,8 +14,9 @@ from ..errors import DataError
 from .base import ImageDataset
 from .mnist import MNISTArrays
 
-BIAS_TYPES = ("square", "background", "foreground")
-POSITIONS = ("corner", "centre")
+BIAS_TYPES = ("square", "band", "sparse", "background", "foreground")
+POSITIONS = ("corner", "edge", "centre")
+SPARSE_STEP, SPARSE_OFFSET = 4, 2  # the sparse pattern: every 4th pixel of every 4th row, from (2, 2)
 SELECTIONS = ("authors", "random")
 
 
@@ -29,8 +30,13 @@ class BiasedMNISTConfig:
     validation split. The images without the square in class 0 are then all 4s and the squared
     ones in class 1 all 5s, which makes the shortcut much stronger than a random choice.
     ``"random"`` draws them at random, with exact counts in train and val separately.
-    ``position`` puts the square in the top-left ``"corner"`` (the paper's, on the black
-    background of every digit) or the ``"centre"`` (where other digits have strokes).
+    ``bias_type`` is the feature: a ``"square"`` of side ``square_size`` (the paper's), a
+    ``"band"`` of ``square_size`` rows across the whole width, a ``"sparse"`` pattern of single
+    pixels spread over the image (every 4th pixel of every 4th row), the ``"background"`` (zero
+    pixels) or the ``"foreground"`` (stroke pixels) in ``colour``. ``position`` puts the square in
+    the top-left ``"corner"`` (the paper's, on the black background of every digit), the middle of
+    the top ``"edge"`` or the ``"centre"`` (where other digits have strokes); a band lies at the
+    square's rows (the top rows for corner and edge).
     """
 
     conflicting_ratio: float = 0.01
@@ -46,7 +52,8 @@ class BiasedMNISTConfig:
 
 
 class BiasedMNIST(NamedTuple):
-    """The biased MNIST splits and the pixels of the spurious square(s) (None for other bias types).
+    """The biased MNIST splits and the pixels of the spurious feature (square(s), band, sparse
+    pattern; None for the background and foreground, whose pixels differ by image).
     ``val_original`` holds the validation images without the feature: a shortcut-free validation
     set, the validation analogue of ``test_original``."""
 
@@ -68,7 +75,7 @@ def _validate(config: BiasedMNISTConfig, n_train: int) -> None:
         problems.append(f"square_size must be in 1..14, got {config.square_size}")
     if config.position not in POSITIONS:
         problems.append(f"position must be one of {', '.join(POSITIONS)}, got {config.position!r}")
-    elif config.position != "corner" and config.n_squares == 2:
+    elif config.position != "corner" and config.n_squares == 2 and config.bias_type == "square":
         problems.append("n_squares=2 puts the squares in the two top corners: it needs position 'corner'")
     if config.n_squares not in (1, 2):
         problems.append(f"n_squares must be 1 or 2, got {config.n_squares}")
@@ -87,10 +94,29 @@ def _validate(config: BiasedMNISTConfig, n_train: int) -> None:
 
 
 def _square_origin(config: BiasedMNISTConfig, height: int, width: int) -> tuple[int, int]:
-    """The top-left pixel of the (first) square: the top-left corner, or the image's centre."""
+    """The top-left pixel of the (first) square: the top-left corner, the middle of the top edge,
+    or the image's centre."""
+    s = config.square_size
     if config.position == "centre":
-        return (height - config.square_size) // 2, (width - config.square_size) // 2
-    return 0, 0
+        return (height - s) // 2, (width - s) // 2
+    return 0, (width - s) // 2 if config.position == "edge" else 0
+
+
+def _feature_pixels(config: BiasedMNISTConfig, height: int, width: int) -> Tensor | None:
+    """The [H, W] pixels the first feature colours, for the bias types with fixed pixels (square,
+    band, sparse); None for background and foreground, whose pixels depend on the image."""
+    pixels = torch.zeros(height, width, dtype=torch.bool)
+    s = config.square_size
+    top, left = _square_origin(config, height, width)
+    if config.bias_type == "square":
+        pixels[top:top + s, left:left + s] = True
+    elif config.bias_type == "band":
+        pixels[top:top + s, :] = True
+    elif config.bias_type == "sparse":
+        pixels[SPARSE_OFFSET::SPARSE_STEP, SPARSE_OFFSET::SPARSE_STEP] = True
+    else:
+        return None
+    return pixels
 
 
 def _choose_flags(labels: Tensor, ratio: float, generator: torch.Generator) -> Tensor:
@@ -120,16 +146,13 @@ def _paint(gray: Tensor, flags: Tensor, second: Tensor | None, config: BiasedMNI
     """RGB copies of grey images [N,H,W] with the spurious feature on `flags` (second square on `second`)."""
     rgb = gray.unsqueeze(1).repeat(1, 3, 1, 1)
     colour = torch.tensor(config.colour, dtype=torch.uint8)
-    s = config.square_size
-    if config.bias_type == "square":
-        top, left = _square_origin(config, *gray.shape[-2:])
-        rgb[flags, :, top:top + s, left:left + s] = colour.view(3, 1, 1)
-        if second is not None:
-            rgb[second, :, :s, -s:] = torch.tensor(config.second_colour, dtype=torch.uint8).view(3, 1, 1)
-    elif config.bias_type == "background":
-        rgb.permute(0, 2, 3, 1)[flags.view(-1, 1, 1) & (gray == 0)] = colour
-    else:
-        rgb.permute(0, 2, 3, 1)[flags.view(-1, 1, 1) & (gray > 0)] = colour
+    pixels = _feature_pixels(config, *gray.shape[-2:])
+    if pixels is None:
+        pixels = gray == 0 if config.bias_type == "background" else gray > 0
+    rgb.permute(0, 2, 3, 1)[flags.view(-1, 1, 1) & pixels] = colour
+    if second is not None:
+        s = config.square_size
+        rgb[second, :, :s, -s:] = torch.tensor(config.second_colour, dtype=torch.uint8).view(3, 1, 1)
     return rgb
 
 
@@ -142,8 +165,9 @@ def make_biased_mnist(
     feature on a share 1 - ratio of its images, class 1 on a share ratio (which images: see
     ``BiasedMNISTConfig.selection``). `test_biased` carries it on every class-1 image and no
     class-0 image; `test_original` never. With `n_squares=2` a second, top-right square in
-    `second_colour` sits on the same images as the first (as in the authors' code). "background"
-    colours the zero pixels, "foreground" the non-zero (stroke) pixels of the flagged images.
+    `second_colour` sits on the same images as the first (as in the authors' code). "band" and
+    "sparse" colour fixed pixels like the square; "background" colours the zero pixels,
+    "foreground" the non-zero (stroke) pixels of the flagged images.
     Any MNIST-format dataset works (e.g. Fashion-MNIST: classes 0-4 vs 5-9); `name` prefixes the
     split names.
     """
@@ -152,14 +176,9 @@ def make_biased_mnist(
     train_gray = torch.from_numpy(arrays.train_images)
     train_digits = torch.from_numpy(arrays.train_labels).long()
     height, width = train_gray.shape[1:]
-    feature_region = None
-    if config.bias_type == "square":
-        s = config.square_size
-        top, left = _square_origin(config, height, width)
-        feature_region = torch.zeros(height, width, dtype=torch.bool)
-        feature_region[top:top + s, left:left + s] = True
-        if config.n_squares == 2:
-            feature_region[:s, -s:] = True
+    feature_region = _feature_pixels(config, height, width)
+    if config.n_squares == 2:
+        feature_region[:config.square_size, -config.square_size:] = True
 
     def build(split: str, gray: Tensor, digits: Tensor, flags: Tensor, second: Tensor | None) -> ImageDataset:
         metadata = {"spurious": flags, "digit": digits}

@@ -85,6 +85,16 @@ def leakage_percent(masked: MaskedDataset) -> float | None:
     return 100.0 * mask_leakage(masked.base, masks, fill=fill)["score"]
 
 
+def guarded_mixing(dataset: Dataset, masks: MaskSet | torch.Tensor, fill: float | str = "zero") -> str:
+    """The mask mixing of the ``guarded`` recipe: ``"own"`` (the paper's) unless ``masks``, applied
+    to ``dataset`` with ``fill`` and each image's own mask, leave a mark that predicts the label
+    (:func:`leakage_percent` from ``100 * MARK_THRESHOLD``); then ``"own+other-class"``, which
+    makes where the masks lie say nothing about the class. It reads only the training images,
+    their labels and the masks. A ``"random-image"`` fill shows no fill value and keeps ``"own"``."""
+    leakage = leakage_percent(MaskedDataset(dataset, masks, fill=fill, mixing="own"))
+    return "own+other-class" if leakage is not None and leakage >= 100 * MARK_THRESHOLD else "own"
+
+
 def verdict(score: float) -> str:
     """The plain-language reading of a leakage score."""
     if score >= MARK_THRESHOLD:

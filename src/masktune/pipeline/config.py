@@ -19,6 +19,15 @@ from ..errors import ConfigError
 from ..evaluation.selective import COVERAGES
 
 METHODS = ("erm", "randmask", "masktune")
+GUARDED = "guarded"  # the mask mixing that follows the leakage of the own masks (see RECIPES)
+_PAPER = {"cam_method": "xgradcam", "mask_rule": "mean-std", "mask_param": None, "mask_fill": "zero",
+          "mask_mixing": "own", "iterations": 1, "accumulate": False}
+RECIPES: dict[str, dict[str, Any]] = {"paper": _PAPER, "guarded": _PAPER | {"mask_mixing": GUARDED}}
+"""Named masking recipes: the settings each one sets (explicit settings override them).
+``paper``: the paper's (xGradCAM, heat > mean + 2 std, zero fill, each image's own mask, one
+iteration), which are also the defaults. ``guarded``: the paper's, except that when the own
+masks leave a mark that predicts the label (leakage from 25%, on the training set), the finetune
+also masks each image with the mask of a random image of another class."""
 MAX_SEED = 2**32 - 1  # seeds derive per-epoch generator seeds (seed * 100_003 + ...), which must fit 64 bits
 
 
@@ -29,7 +38,9 @@ class RunConfig:
     experiment's model has them; ``selective`` adds selective classification (ERM alone and the
     MaskTune rule) at ``coverages`` (%) on the test set ``selective_test`` (default: the first).
     ``mask_fill`` and ``mask_mixing`` say how MaskTune's masks are applied (see
-    :class:`~masktune.MaskedDataset`; ``zero`` and ``own`` are the paper's). ``num_workers`` ``None`` chooses DataLoader workers by the data (none for in-memory and cached
+    :class:`~masktune.MaskedDataset`; ``zero`` and ``own`` are the paper's; ``mask_mixing``
+    ``"guarded"`` chooses ``own`` or ``own+other-class`` by the leakage of the own masks, see
+    :data:`RECIPES`). ``num_workers`` ``None`` chooses DataLoader workers by the data (none for in-memory and cached
     images); ``precision`` and ``compile`` are those of :class:`~masktune.TrainSettings`.
     ``cache`` reads image-file datasets from their decoded-image cache (in ``cache_dir``, default
     ``$MASKTUNE_HOME/images``) instead of decoding every file in every stage."""
@@ -114,6 +125,13 @@ class RunConfig:
             raise ConfigError(f"coverages are percentages in (0, 100], got {self.coverages}")
         if self.mask_chunk < 1:
             raise ConfigError(f"mask_chunk must be a positive number of images, got {self.mask_chunk}")
+
+
+def recipe_settings(name: str) -> dict[str, Any]:
+    """The settings of the recipe called ``name`` (:data:`RECIPES`), to pass as overrides."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return dict(RECIPES[name])
 
 
 def _check_types(config: RunConfig) -> None:

@@ -4,6 +4,7 @@ again loads it instead of computing it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,14 @@ from ..data.loader import first_batch
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation import evaluate_logits, group_counts, mask_diagnostics, selective_classification
 from ..evaluation.diagnostics import heat_removed
-from ..evaluation.leakage import leakage_percent
+from ..evaluation.leakage import guarded_mixing, leakage_percent
 from ..masks import MaskedDataset, MaskSet, masktune_finetune, prepare_masking, random_square_maskset
 from ..masks.rules import MaskRule
 from ..models import eval_mode, place, resolve_cam_layer
 from ..saliency import CAM
 from ..storage import load_torch, read_json, save_torch, write_json
 from ..training import ERMResult, TrainSettings, predict, train_erm
-from .config import METHODS, RunConfig
+from .config import GUARDED, METHODS, RunConfig
 from .registry import Experiment, ExperimentData
 from .results import StageTimer
 from .rundir import MaskStore, MetricsLog, RunDir, other_run
@@ -234,11 +235,21 @@ def finetuned(method: str, masks: MaskSet | torch.Tensor, erm_result: ERMResult,
     return run.stage(Path("checkpoints") / f"{method}.pt", compute, save, load)
 
 
+def applied(config: RunConfig, train: Dataset, masks: MaskSet | torch.Tensor) -> RunConfig:
+    """``config`` with the mask mixing MaskTune's finetune uses: a ``"guarded"`` mixing becomes
+    :func:`~masktune.evaluation.leakage.guarded_mixing`'s choice for ``masks`` (ERM's), which
+    holds for every iteration; any other mixing is kept."""
+    if config.mask_mixing != GUARDED:
+        return config
+    return dataclasses.replace(config, mask_mixing=guarded_mixing(train, masks, config.mask_fill))
+
+
 def mask_report(method: str, masks: list[MaskSet | torch.Tensor], data: RunData, config: RunConfig,
                 model: nn.Module, recipe: MaskRecipe, device: torch.device) -> dict[str, dict]:
     """:func:`~masktune.mask_diagnostics` of each iteration's masks of ``method``, keyed ``method``,
     then ``<method>_iteration2``, ...: with the masks' leakage (of the masks as applied: MaskTune's
-    with ``config.mask_fill`` and ``mask_mixing``), with a known feature region its coverage too,
+    with ``config.mask_fill`` and ``mask_mixing``; with mixing, ``own_leakage_percent`` is that of
+    the own masks alone), with a known feature region its coverage too,
     and for MaskTune's first masks the share of the heat of ``model`` (the best ERM model) they
     remove (:func:`~masktune.evaluation.diagnostics.heat_removed`)."""
     spurious = getattr(data.train, "metadata", {}).get("spurious")
@@ -251,6 +262,10 @@ def mask_report(method: str, masks: list[MaskSet | torch.Tensor], data: RunData,
         leakage = leakage_percent(MaskedDataset(data.train, m, **options))
         report[name] = mask_diagnostics(m, spurious, region, labels) | (
             {"leakage_percent": leakage} if leakage is not None else {})
+        own = (leakage_percent(MaskedDataset(data.train, m, fill=config.mask_fill))
+               if options.get("mixing", "own") != "own" else None)
+        if own is not None:
+            report[name]["own_leakage_percent"] = own
     if method == "masktune":
         report[method]["heat_removed_percent"] = heat_removed(model, data.train, masks[0], recipe.layer,
                                                               method=recipe.method, device=device)

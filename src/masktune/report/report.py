@@ -53,8 +53,10 @@ from ..pipeline import ExperimentData, RunConfig, get_experiment, make_config
 from ..storage import atomic_write_bytes, load_torch, read_json
 from .figures import (accuracy_figure, group_label, method_style, png_bytes, risk_coverage_figure, saliency_grid,
                       training_figure)
+from .tables import guarded_verdict
 
-FEATURE_NAMES = {"square": "square", "background": "coloured background", "foreground": "coloured digit"}
+FEATURE_NAMES = {"square": "square", "band": "band", "sparse": "sparse pattern", "background": "coloured background",
+                 "foreground": "coloured digit"}
 DPI = 100
 
 
@@ -255,8 +257,14 @@ def _leakage_verdicts(runs: Sequence[dict]) -> str:
                 if key in diag:
                     found.setdefault((method, key), []).append(diag[key])
     read = {"leakage_percent": lambda v: verdict(v / 100), "heat_removed_percent": heat_verdict}
+    guarded = [run for run in runs if "guarded_mixing" in run]
+    mixed = sum(run["guarded_mixing"] != "own" for run in guarded)
+    choice = (guarded_verdict(guarded[0]["guarded_mixing"], guarded[0]["masking"].get("masktune", {}))
+              if len(guarded) == 1 else f"guarded recipe: the own masks left a mark in {mixed} of {len(guarded)} "
+              "runs, which also masked each image with the mask of a random image of another class")
     return "".join(f"<p><b>{html.escape(method_style(m)[0])} masks:</b> "
-                   f"{html.escape(read[key](statistics.fmean(v)))}.</p>" for (m, key), v in found.items())
+                   f"{html.escape(read[key](statistics.fmean(v)))}.</p>" for (m, key), v in found.items()) + (
+        f"<p>{html.escape(choice)}.</p>" if guarded else "")
 
 
 def _masking_table(runs: Sequence[dict], feature: str) -> str:

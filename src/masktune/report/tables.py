@@ -36,10 +36,22 @@ def results_table(results: dict) -> str:
             lines.append(f"{method} masks: {verdict(diag['leakage_percent'] / 100)}")
         if diag.get("heat_removed_percent", 100.0) < LOW_HEAT:
             lines.append(f"{method} masks: {heat_verdict(diag['heat_removed_percent'])}")
+    if "guarded_mixing" in results:
+        lines.append(guarded_verdict(results["guarded_mixing"], results["masking"].get("masktune", {})))
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in results.get("timings_s", {}).items())
     if timings:
         lines.append(f"time: {timings}")
     return "\n".join(lines)
+
+
+def guarded_verdict(mixing: str, diag: dict) -> str:
+    """What the guarded recipe chose for MaskTune's finetune, and why."""
+    own = diag.get("own_leakage_percent", diag.get("leakage_percent"))
+    why = f" (leakage {own:.1f}%)" if own is not None else ""
+    if mixing == "own":
+        return f"guarded recipe: MaskTune's own masks leave no mark{why}, so it finetuned on them alone, as the paper"
+    return (f"guarded recipe: MaskTune's own masks leave a mark that predicts the label{why}, so each image was "
+            "also masked with the mask of a random image of another class")
 
 
 def selective_table(selective: dict) -> str:
