@@ -26,7 +26,7 @@ RECIPES: dict[str, dict[str, Any]] = {"paper": _PAPER, "guarded": _PAPER | {"mas
 """Named masking recipes: the settings each one sets (explicit settings override them).
 ``paper``: the paper's (xGradCAM, heat > mean + 2 std, zero fill, each image's own mask, one
 iteration), which are also the defaults. ``guarded``: the paper's, except that when the own
-masks leave a mark that predicts the label (leakage from 25%, on the training set), the finetune
+masks leave a mark that predicts the label (leakage from 10%, on the training set), the finetune
 also masks each image with the mask of a random image of another class."""
 MAX_SEED = 2**32 - 1  # seeds derive per-epoch generator seeds (seed * 100_003 + ...), which must fit 64 bits
 
