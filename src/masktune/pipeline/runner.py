@@ -38,12 +38,9 @@ def check_config(config: RunConfig) -> None:
     config.validate()
     make_rule(config.mask_rule, config.mask_param)
     get_method(config.cam_method)
-    if config.mask_mixing == GUARDED:
-        MaskedDataset.check_options(config.mask_fill, "own")
-    elif config.mask_mixing not in MIXINGS:
+    if config.mask_mixing not in (*MIXINGS, GUARDED):
         raise ConfigError(f"unknown mask mixing {config.mask_mixing!r}; choose one of: {', '.join(MIXINGS)}, {GUARDED}")
-    else:
-        MaskedDataset.check_options(config.mask_fill, config.mask_mixing)
+    MaskedDataset.check_options(config.mask_fill, "own" if config.mask_mixing == GUARDED else config.mask_mixing)
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     autocast_dtype(config.precision, distributed.resolve_device(config.device))
@@ -91,13 +88,14 @@ def _run(spec: Experiment, config: RunConfig, device: torch.device, run: RunDir,
             write_json(saved_config(spec, config), run.path / "config.json")
         erm = stages.erm(model, data, settings, config.epochs, run, timer, log, key)
         model.load_state_dict(erm.best.model)
-        models, masking, history, chosen = {"erm": model}, {}, list(erm.history), config.mask_mixing
+        models, masking, history, guarded = {"erm": model}, {}, list(erm.history), {}
         tuning = dataclasses.replace(settings, lr=config.tuning_lr)
         for method in (m for m in FINETUNES if m in config.methods):
             masks = (stages.randmask_masks(data.train, config.seed) if method == "randmask" else
                      stages.masktune_masks(model, data.train, recipe, config, device, run, timer, reused, progress, key))
             applied = stages.applied(config, data.train, masks) if method == "masktune" else config
-            chosen = applied.mask_mixing if method == "masktune" else chosen
+            if applied is not config:
+                guarded["guarded_mixing"] = applied.mask_mixing
             tuned = stages.finetuned(method, masks, erm, lambda: spec.build_model(config, data.experiment.num_classes),
                                      data.train, tuning, recipe, applied, run, timer, log, key)
             models[method] = tuned.model
@@ -105,9 +103,7 @@ def _run(spec: Experiment, config: RunConfig, device: torch.device, run: RunDir,
             history.extend(tuned.history)
         evaluation = stages.evaluation(spec, config, models, data, device, run, timer, key)
     outcome = {"data": {"source": config.data_dir or "default", "fingerprints": fingerprints}, "run_key": key,
-               **evaluation, "masking": masking, "erm_best_epoch": erm.best.epoch, "history": history}
-    if config.mask_mixing == GUARDED and "masktune" in config.methods:
-        outcome["guarded_mixing"] = chosen
+               **evaluation, "masking": masking, "erm_best_epoch": erm.best.epoch, "history": history, **guarded}
     results = results_record(spec, config, device, data.sizes, outcome, timer, run.resumed)
     if distributed.is_main():
         write_json(results, run.path / "results.json")
